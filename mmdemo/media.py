@@ -1,0 +1,226 @@
+"""Decoding and checking images and audio: every bad file becomes one plain sentence (``InputError``).
+
+Images come out as RGB ``PIL.Image`` with EXIF orientation applied; audio as mono float32 NumPy at the
+sample rate the model wants. Limits (bytes, pixels, seconds) are checked before full decoding where the
+header allows it, so a decompression bomb or a two-hour recording costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmdemo.config import Limits
+from mmdemo.errors import InputError, LimitError
+
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3"}
+
+ImageSource = str | Path | bytes | Image.Image
+
+
+def _mb(n: float) -> str:
+    return f"{n / (1024 * 1024):.1f} MB"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\r\n\t" for c in text)
+
+
+def _check_file(path: Path, kind: str, max_bytes: int) -> None:
+    if not path.exists():
+        raise InputError(f"{path.name}: the file does not exist; check the path.")
+    if not path.is_file():
+        raise InputError(f"{path.name}: this is a folder, not a {kind} file.")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path.name} is empty (0 bytes); upload the {kind} again.")
+    if size > max_bytes:
+        raise LimitError(
+            f"{path.name} is {_mb(size)}, over the {_mb(max_bytes)} limit for {kind} files; "
+            f"use a smaller file."
+        )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited onto white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        lo = 0.0 if img.mode.startswith("I;16") else min(float(arr.min()), 0.0)
+        arr = np.clip((arr - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def load_image(src: ImageSource, limits: Limits | None = None, name: str | None = None) -> Image.Image:
+    """Open, check and normalise one image. Raises ``InputError`` with a sentence naming the file."""
+    limits = limits or Limits()
+    if isinstance(src, Image.Image):
+        label = name or "the image"
+        img = src
+    else:
+        if isinstance(src, bytes):
+            data = src
+            label = name or "the uploaded image"
+            if not data:
+                raise InputError(f"{label} is empty (0 bytes); upload the image again.")
+            if len(data) > limits.max_image_bytes:
+                raise LimitError(f"{label} is {_mb(len(data))}, over the {_mb(limits.max_image_bytes)} limit.")
+        else:
+            path = Path(src)
+            label = name or path.name
+            _check_file(path, "image", limits.max_image_bytes)
+            data = path.read_bytes()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise LimitError(f"{label} has too many pixels to decode safely; use a smaller image.") from None
+        except UnidentifiedImageError:
+            if _looks_like_text(data[:512]):
+                raise InputError(f"{label} is a text file, not an image; upload a JPEG, PNG or WebP.") from None
+            raise InputError(
+                f"{label} is not an image format that can be read (supported: JPEG, PNG, WebP, BMP, GIF, "
+                f"TIFF); convert it or upload another file."
+            ) from None
+        if img.format not in IMAGE_FORMATS:
+            raise InputError(f"{label} is a {img.format} image, which is not supported; convert it to PNG or JPEG.")
+    w, h = img.size
+    if w * h > limits.max_image_pixels:
+        raise LimitError(
+            f"{label} is {w}x{h} pixels, over the limit of {limits.max_image_pixels:,} pixels; "
+            f"resize it and try again."
+        )
+    if w == 0 or h == 0:
+        raise InputError(f"{label} has no pixels; upload another image.")
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return _to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{label} is truncated or corrupt and cannot be decoded ({err}); upload it again.") from None
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    sample_rate: int
+    frames: int
+    channels: int
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+
+def audio_info(path: str | Path, limits: Limits | None = None) -> AudioInfo:
+    """Check an audio file's size, format and duration from its header, without decoding it."""
+    import soundfile as sf
+
+    limits = limits or Limits()
+    path = Path(path)
+    _check_file(path, "audio", limits.max_audio_bytes)
+    if path.suffix.lower() not in AUDIO_EXTENSIONS:
+        raise InputError(
+            f"{path.name} has an unsupported audio type ({path.suffix or 'no extension'}); "
+            f"use WAV, FLAC, OGG or MP3."
+        )
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        with path.open("rb") as fh:
+            head = fh.read(512)
+        if _looks_like_text(head):
+            raise InputError(f"{path.name} is a text file, not audio; upload a WAV, FLAC, OGG or MP3 file.") from None
+        raise InputError(f"{path.name} is corrupt or not really {path.suffix} audio; export it again.") from None
+    result = AudioInfo(sample_rate=int(info.samplerate), frames=int(info.frames), channels=int(info.channels))
+    if result.frames <= 0 or result.sample_rate <= 0:
+        raise InputError(f"{path.name} contains no audio samples; upload a recording that is not empty.")
+    if result.duration > limits.max_audio_seconds:
+        raise LimitError(
+            f"{path.name} lasts {result.duration:.0f} s, over the {limits.max_audio_seconds:.0f} s limit; "
+            f"trim it and try again."
+        )
+    return result
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    samples = np.asarray(samples)
+    if samples.dtype.kind in "iu":
+        scale = float(np.iinfo(samples.dtype).max)
+        samples = samples.astype(np.float32) / scale
+    samples = samples.astype(np.float32, copy=False)
+    if samples.ndim == 2:
+        # (frames, channels) as soundfile and gradio give it
+        samples = samples.mean(axis=1) if samples.shape[1] <= 16 else samples.mean(axis=0)
+    return np.ascontiguousarray(samples.reshape(-1))
+
+
+def resample(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    if orig_sr == target_sr:
+        return samples
+    import soxr  # librosa's own resampler ("soxr_hq"), without importing librosa and numba
+
+    return soxr.resample(samples, orig_sr, target_sr, quality="HQ").astype(np.float32)
+
+
+def prepare_audio(samples: np.ndarray, sample_rate: int, target_sr: int, label: str = "the recording",
+                  limits: Limits | None = None) -> np.ndarray:
+    """In-memory audio (a microphone recording, say) to mono float32 at ``target_sr``, checked."""
+    limits = limits or Limits()
+    mono = to_mono(samples)
+    if mono.size == 0 or sample_rate <= 0:
+        raise InputError(f"{label} contains no audio samples; record or upload again.")
+    if mono.size / sample_rate > limits.max_audio_seconds:
+        raise LimitError(f"{label} is longer than the {limits.max_audio_seconds:.0f} s limit; trim it.")
+    if not np.isfinite(mono).all():
+        raise InputError(f"{label} contains invalid (NaN or infinite) samples; export it again.")
+    return resample(mono, sample_rate, target_sr)
+
+
+def load_audio(path: str | Path, target_sr: int, limits: Limits | None = None) -> np.ndarray:
+    """Decode an audio file to mono float32 at ``target_sr`` (WAV, FLAC, OGG/Vorbis, MP3)."""
+    import soundfile as sf
+
+    path = Path(path)
+    info = audio_info(path, limits)
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise InputError(f"{path.name} is truncated or corrupt and cannot be decoded ({err}); export it again.") from None
+    if data.shape[0] == 0:
+        raise InputError(f"{path.name} contains no audio samples; upload a recording that is not empty.")
+    return prepare_audio(data, int(sr or info.sample_rate), target_sr, label=path.name, limits=limits)
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

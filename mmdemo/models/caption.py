@@ -1,0 +1,47 @@
+"""Image captioning: images (and an optional text prefix) to one caption each, batched."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from mmdemo.config import get_settings
+from mmdemo.media import ImageSource, load_image
+from mmdemo.models.generation import CAPTION_DEFAULTS, GenerationOptions
+from mmdemo.models.loading import Loaded, load
+
+
+def caption(
+    images: Sequence[ImageSource],
+    prompt: str | None = None,
+    options: GenerationOptions = CAPTION_DEFAULTS,
+    adapter: str | Path | None = None,
+    model: str | Loaded | None = None,
+    batch_size: int = 16,
+) -> list[str]:
+    """One caption per image. Every image is decoded and checked before the model is touched."""
+    limits = get_settings().limits
+    pil_images = [load_image(img, limits) for img in images]
+    if not pil_images:
+        return []
+    loaded = model if isinstance(model, Loaded) else load("caption", model)
+    prompt = (prompt or "").strip() or None
+    captions: list[str] = []
+    for start in range(0, len(pil_images), batch_size):
+        captions += _caption_batch(loaded, pil_images[start:start + batch_size], prompt, options, adapter)
+    return captions
+
+
+def _caption_batch(loaded: Loaded, images, prompt, options: GenerationOptions, adapter) -> list[str]:
+    import torch
+
+    processor = loaded.processor
+    if prompt is None:
+        inputs = processor(images=images, return_tensors="pt")
+    else:
+        inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt")
+    inputs = inputs.to(loaded.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    with loaded.using(adapter) as model, torch.inference_mode():
+        out = model.generate(**inputs, **options.kwargs())
+    return [text.strip() for text in processor.batch_decode(out, skip_special_tokens=True)]

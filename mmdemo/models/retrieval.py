@@ -1,0 +1,319 @@
+"""Text <-> audio retrieval with CLAP: one embedding space, queried from either side, over a saved index.
+
+Clips are decoded to mono at the model's rate. Clips longer than CLAP's window (10 s) are cut into
+consecutive windows whose embeddings are averaged, instead of CLAP's ``rand_trunc`` random crop, so a
+clip always gets the same embedding. Shorter clips go through the feature extractor unchanged, so
+their embeddings are exactly ``ClapModel.get_audio_features`` of the processor's features.
+
+An index is a folder: ``embeddings.npy`` (float32, L2-normalised rows), ``manifest.json`` (one entry per
+row: path, name, sha256, duration) and ``index.json`` (model, dimension). Adding files skips any whose
+content hash is already there, so nothing is embedded twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mmdemo.config import get_settings
+from mmdemo.errors import InputError, MMDemoError
+from mmdemo.media import AUDIO_EXTENSIONS, audio_info, file_sha256, load_audio, prepare_audio
+from mmdemo.models.loading import Loaded, load
+
+MIN_TAIL_SECONDS = 1.0  # a last window shorter than this is dropped when the clip has full windows
+
+
+class Embedder:
+    """Texts and waveforms to L2-normalised CLAP embeddings (NumPy float32)."""
+
+    def __init__(self, loaded: Loaded, adapter: str | Path | None = None, batch_size: int = 32):
+        self.loaded = loaded
+        self.adapter = adapter
+        self.batch_size = batch_size
+        fe = loaded.processor.feature_extractor
+        self.sample_rate: int = int(fe.sampling_rate)
+        self.window: int = int(fe.nb_max_samples)
+
+    @property
+    def checkpoint(self) -> str:
+        return self.loaded.checkpoint
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        texts = [t.strip() for t in texts]
+        if not texts or not all(texts):
+            raise InputError("Type some text to search for.")
+        tok = self.loaded.processor.tokenizer
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = tok(texts[start:start + self.batch_size], padding=True, truncation=True,
+                        return_tensors="pt").to(self.loaded.device)
+            with self.loaded.using(self.adapter) as model, torch.inference_mode():
+                feats = model.get_text_features(**batch).pooler_output
+            out.append(_normalise(feats.float().cpu().numpy()))
+        return np.concatenate(out)
+
+    def windows(self, samples: np.ndarray) -> list[np.ndarray]:
+        """Consecutive model-sized windows of a clip (one window for clips up to 10 s)."""
+        if len(samples) <= self.window:
+            return [samples]
+        wins = [samples[i:i + self.window] for i in range(0, len(samples), self.window)]
+        if len(wins) > 1 and len(wins[-1]) < MIN_TAIL_SECONDS * self.sample_rate:
+            wins.pop()
+        return wins
+
+    def waveforms(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        """One embedding per clip (mono float32 at ``self.sample_rate``)."""
+        import torch
+
+        windows: list[np.ndarray] = []
+        owner: list[int] = []
+        for i, clip in enumerate(clips):
+            for w in self.windows(clip):
+                windows.append(w)
+                owner.append(i)
+        fe = self.loaded.processor.feature_extractor
+        feats = []
+        for start in range(0, len(windows), self.batch_size):
+            inputs = fe(windows[start:start + self.batch_size], sampling_rate=self.sample_rate,
+                        return_tensors="pt").to(self.loaded.device)
+            inputs["input_features"] = inputs["input_features"].to(self.loaded.dtype)
+            with self.loaded.using(self.adapter) as model, torch.inference_mode():
+                emb = model.get_audio_features(**inputs).pooler_output
+            feats.append(emb.float().cpu().numpy())
+        per_window = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+        owner_arr = np.asarray(owner)
+        result = np.stack([per_window[owner_arr == i].mean(axis=0) for i in range(len(clips))])
+        return _normalise(result)
+
+    def files(self, paths: Sequence[str | Path]) -> np.ndarray:
+        limits = get_settings().limits
+        return self.waveforms([load_audio(p, self.sample_rate, limits) for p in paths])
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def embedder(model: str | Loaded | None = None, adapter: str | Path | None = None) -> Embedder:
+    return Embedder(model if isinstance(model, Loaded) else load("retrieval", model), adapter)
+
+
+@dataclass
+class Clip:
+    path: str
+    name: str
+    sha256: str
+    duration: float
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    path: str | None = None
+    label: str | None = None
+    name: str | None = None
+
+    def record(self) -> dict:
+        rec = {"rank": self.rank}
+        if self.label is not None:
+            rec["label"] = self.label
+        else:
+            rec["path"] = self.path
+        rec["score"] = round(float(self.score), 6)
+        return rec
+
+
+@dataclass
+class AddReport:
+    added: list[Clip] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)  # paths whose content is already indexed
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, sentence)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.zeros(0, dtype=int)
+    idx = np.argpartition(-scores, k - 1)[:k]
+    # stable order: score descending, then index ascending
+    return idx[np.lexsort((idx, -scores[idx]))]
+
+
+def find_audio_files(source: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Audio files under a folder (recursively), and the other files found there as problems."""
+    source = Path(source)
+    if source.is_file():
+        return [source], []
+    if not source.is_dir():
+        raise InputError(f"{source} does not exist; give a folder, a zip archive or audio files.")
+    found, other = [], []
+    for p in sorted(source.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(source).parts):
+            continue
+        if p.suffix.lower() in AUDIO_EXTENSIONS:
+            found.append(p)
+        else:
+            other.append((str(p), f"{p.name} is not an audio file (WAV, FLAC, OGG or MP3), so it was skipped."))
+    return found, other
+
+
+class AudioIndex:
+    """A persistent, append-only library of clip embeddings."""
+
+    def __init__(self, path: str | Path, model: str, dim: int, clips: list[Clip], embeddings: np.ndarray):
+        self.path = Path(path)
+        self.model = model
+        self.dim = dim
+        self.clips = clips
+        self.embeddings = embeddings
+        self._lock = threading.RLock()
+        self._hashes = {c.sha256 for c in clips}
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    @classmethod
+    def exists(cls, path: str | Path) -> bool:
+        return (Path(path) / "index.json").is_file()
+
+    @classmethod
+    def open(cls, path: str | Path) -> AudioIndex:
+        path = Path(path)
+        if not cls.exists(path):
+            raise InputError(f"{path} is not an audio index (no index.json); build one with `python -m mmdemo index`.")
+        try:
+            meta = json.loads((path / "index.json").read_text())
+            clips = [Clip(**c) for c in json.loads((path / "manifest.json").read_text())]
+            emb = np.load(path / "embeddings.npy") if clips else np.zeros((0, meta["dim"]), np.float32)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InputError(f"The audio index in {path} is damaged ({err}); build it again.") from None
+        if len(emb) != len(clips):
+            raise InputError(f"The audio index in {path} is damaged (rows and manifest differ); build it again.")
+        return cls(path, meta["model"], int(meta["dim"]), clips, emb.astype(np.float32, copy=False))
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, model: str, dim: int) -> AudioIndex:
+        if cls.exists(path):
+            index = cls.open(path)
+            if index.model != model:
+                raise InputError(
+                    f"The index in {path} was built with {index.model}, not {model}; use that model "
+                    f"or build a new index in another folder."
+                )
+            return index
+        return cls(path, model, dim, [], np.zeros((0, dim), np.float32))
+
+    def save(self) -> None:
+        """Write atomically: a crash mid-save leaves the previous index intact."""
+        with self._lock:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.path / "embeddings.npy", lambda fh: np.save(fh, self.embeddings), binary=True)
+            _atomic_write(self.path / "manifest.json",
+                          lambda fh: json.dump([asdict(c) for c in self.clips], fh, indent=1))
+            _atomic_write(self.path / "index.json",
+                          lambda fh: json.dump({"model": self.model, "dim": self.dim, "count": len(self.clips),
+                                                "version": 1}, fh, indent=1))
+
+    def add_files(
+        self,
+        paths: Iterable[str | Path],
+        emb: Embedder,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> AddReport:
+        """Check, decode and embed new files; bad files are reported, good ones kept. Saves at the end."""
+        limits = get_settings().limits
+        report = AddReport()
+        pending: list[tuple[Path, str, float, np.ndarray]] = []
+        seen = set(self._hashes)
+
+        def flush() -> None:
+            if not pending:
+                return
+            vectors = emb.waveforms([w for *_, w in pending])
+            with self._lock:
+                for (p, digest, duration, _), vec in zip(pending, vectors):
+                    clip = Clip(path=str(p.resolve()), name=p.name, sha256=digest, duration=round(duration, 3))
+                    self.clips.append(clip)
+                    self._hashes.add(digest)
+                    report.added.append(clip)
+                self.embeddings = np.concatenate([self.embeddings, vectors.astype(np.float32)])
+            pending.clear()
+
+        for p in map(Path, paths):
+            try:
+                info = audio_info(p, limits)
+                digest = file_sha256(p)
+                if digest in seen:
+                    report.duplicates.append(str(p))
+                else:
+                    seen.add(digest)
+                    pending.append((p, digest, info.duration, load_audio(p, emb.sample_rate, limits)))
+            except MMDemoError as err:
+                report.failed.append((str(p), str(err)))
+            if progress:
+                progress(1)
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        if report.added or not self.exists(self.path):
+            self.save()
+        return report
+
+    def search_vector(self, query: np.ndarray, top_k: int = 10) -> list[Hit]:
+        with self._lock:
+            if not self.clips:
+                raise InputError("The audio library is empty; add some clips first.")
+            scores = self.embeddings @ query.astype(np.float32)
+            order = _top_k(scores, top_k)
+            return [Hit(rank=r + 1, score=float(scores[i]), path=self.clips[i].path, name=self.clips[i].name)
+                    for r, i in enumerate(order)]
+
+    def search_text(self, text: str, emb: Embedder, top_k: int = 10) -> list[Hit]:
+        return self.search_vector(emb.texts([text])[0], top_k)
+
+
+def rank_labels(query: np.ndarray, labels: Sequence[str], emb: Embedder, top_k: int = 5) -> list[Hit]:
+    """Zero-shot classification: candidate texts ranked by cosine similarity to an audio embedding."""
+    labels = [lab.strip() for lab in labels if lab and lab.strip()]
+    if not labels:
+        raise InputError("Give at least one label to rank, such as 'dog barking, rain'.")
+    scores = emb.texts(labels) @ query
+    return [Hit(rank=r + 1, score=float(scores[i]), label=labels[i]) for r, i in enumerate(_top_k(scores, top_k))]
+
+
+def embed_query_audio(emb: Embedder, path: str | Path | None = None,
+                      samples: np.ndarray | None = None, sample_rate: int | None = None) -> np.ndarray:
+    """An audio query from a file or from in-memory samples (a microphone recording)."""
+    limits = get_settings().limits
+    if path is not None:
+        wave = load_audio(path, emb.sample_rate, limits)
+    elif samples is not None and sample_rate:
+        wave = prepare_audio(samples, sample_rate, emb.sample_rate, limits=limits)
+    else:
+        raise InputError("Upload or record a sound to search with.")
+    return emb.waveforms([wave])[0]
+
+
+def _atomic_write(target: Path, write: Callable, binary: bool = False) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
