@@ -114,7 +114,9 @@ def cmd_index(args) -> int:
     else:
         files, other = find_audio_files(source)
     problems += other
-    emb = embedder(args.model, adapter=args.adapter)
+    # Growing an existing index: keep the model it was built with unless told otherwise.
+    model = args.model or (AudioIndex.open(out).model if AudioIndex.exists(out) else None)
+    emb = embedder(model, adapter=args.adapter)
     index = AudioIndex.open_or_create(out, emb.checkpoint, dim=int(emb.texts(["probe"]).shape[1]))
     with tqdm(total=len(files), desc="indexing", unit="clip", file=sys.stderr) as bar:
         report = index.add_files(files, emb, progress=bar.update)
@@ -179,9 +181,9 @@ def cmd_download(args) -> int:
         print(f"downloading {checkpoint} ...", file=sys.stderr, flush=True)
         try:
             path = snapshot_download(checkpoint)
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
             raise ModelLoadError(
-                f"Could not download {checkpoint} from the Hugging Face Hub ({type(err).__name__}); "
+                f"Could not download {checkpoint} from the Hugging Face Hub; "
                 f"check the internet connection, HF_HUB_OFFLINE and HF_TOKEN, then try again."
             ) from None
         _emit({"task": task, "checkpoint": checkpoint, "path": path, "status": "downloaded"})
