@@ -67,7 +67,7 @@ class Settings:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise InputError(f"MMDEMO_DTYPE must be one of {', '.join(_DTYPES)}, not {self.dtype!r}.")
-        if self.device is not None and not self.device.split(":")[0] in ("cuda", "mps", "cpu"):
+        if self.device is not None and self.device.split(":")[0] not in ("cuda", "mps", "cpu"):
             raise InputError(f"MMDEMO_DEVICE must be cuda, cuda:N, mps or cpu, not {self.device!r}.")
 
     @classmethod

@@ -243,7 +243,7 @@ class AudioIndex:
                 return
             vectors = emb.waveforms([w for *_, w in pending])
             with self._lock:
-                for (p, digest, duration, _), vec in zip(pending, vectors):
+                for p, digest, duration, _ in pending:
                     clip = Clip(path=str(p.resolve()), name=p.name, sha256=digest, duration=round(duration, 3))
                     self.clips.append(clip)
                     self._hashes.add(digest)
