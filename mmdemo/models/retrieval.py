@@ -25,6 +25,7 @@ import numpy as np
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError, MMDemoError
 from mmdemo.media import AUDIO_EXTENSIONS, audio_info, file_sha256, load_audio, prepare_audio
+from mmdemo.models.features import TorchClapFeatures
 from mmdemo.models.loading import Loaded, load
 
 MIN_TAIL_SECONDS = 1.0  # a last window shorter than this is dropped when the clip has full windows
@@ -40,6 +41,7 @@ class Embedder:
         fe = loaded.processor.feature_extractor
         self.sample_rate: int = int(fe.sampling_rate)
         self.window: int = int(fe.nb_max_samples)
+        self._features = None if fe.truncation == "fusion" else TorchClapFeatures(fe, device=loaded.device)
 
     @property
     def checkpoint(self) -> str:
@@ -83,8 +85,11 @@ class Embedder:
         fe = self.loaded.processor.feature_extractor
         feats = []
         for start in range(0, len(windows), self.batch_size):
-            inputs = fe(windows[start:start + self.batch_size], sampling_rate=self.sample_rate,
-                        return_tensors="pt").to(self.loaded.device)
+            chunk = windows[start:start + self.batch_size]
+            if self._features is not None:  # torch log-mel on the model's device (same features, faster)
+                inputs = {"input_features": self._features(chunk)}
+            else:
+                inputs = fe(chunk, sampling_rate=self.sample_rate, return_tensors="pt").to(self.loaded.device)
             inputs["input_features"] = inputs["input_features"].to(self.loaded.dtype)
             with self.loaded.using(self.adapter) as model, torch.inference_mode():
                 emb = model.get_audio_features(**inputs).pooler_output
