@@ -12,7 +12,33 @@ from mmdemo.models.caption import caption
 from mmdemo.models.generation import CAPTION_DEFAULTS, VQA_DEFAULTS, GenerationOptions
 from mmdemo.models.loading import load
 from mmdemo.models.retrieval import AudioIndex, embedder, rank_labels
-from mmdemo.models.vqa import answer
+from mmdemo.models.vqa import answer, answer_pairs
+
+
+@pytest.fixture(scope="module")
+def sensitive(tiny_models, tmp_path_factory) -> dict[str, str]:
+    """The tiny BLIP checkpoints with their matrices redrawn at std 0.1.
+
+    At the tiny models' 0.02 init every image gets nearly the same caption, so agreement would prove
+    little; at 0.1 the outputs depend on the image and the question (asserted below).
+    """
+    import shutil
+
+    from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
+
+    out = {}
+    for task, cls in (("caption", BlipForConditionalGeneration), ("vqa", BlipForQuestionAnswering)):
+        folder = tmp_path_factory.mktemp("sensitive") / task
+        shutil.copytree(tiny_models[task], folder)
+        model = cls.from_pretrained(folder)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.1)
+        model.save_pretrained(folder)
+        out[task] = str(folder)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +67,42 @@ def _direct_captions(checkpoint, images, prompt, kwargs):
     ("a picture of", CAPTION_DEFAULTS),
     (None, GenerationOptions(num_beams=1, max_new_tokens=12, min_new_tokens=0)),
 ])
-def test_caption_matches_plain_generate(tiny_models, images, prompt, options):
-    ours = caption(images, prompt=prompt, options=options, model=tiny_models["caption"], batch_size=3)
-    direct = _direct_captions(tiny_models["caption"], images, prompt, options.kwargs())
+def test_caption_matches_plain_generate(sensitive, images, prompt, options):
+    ours = caption(images, prompt=prompt, options=options, model=sensitive["caption"], batch_size=3)
+    direct = _direct_captions(sensitive["caption"], images, prompt, options.kwargs())
     assert ours == direct
-    assert all(ours)
+    assert all(ours) and len(set(ours)) >= 3  # outputs really depend on the image
 
 
-def test_vqa_matches_plain_generate_one_question_at_a_time(tiny_models, images):
+def test_vqa_matches_plain_generate_one_question_at_a_time(sensitive, images):
     from transformers import BlipForQuestionAnswering, BlipProcessor
 
     questions = ["what color is it?", "what shape?", "is the shape on the left or on the right", "how many?"]
-    ours = answer(images[0], questions, model=tiny_models["vqa"])
-    model = BlipForQuestionAnswering.from_pretrained(tiny_models["vqa"]).eval()
-    processor = BlipProcessor.from_pretrained(tiny_models["vqa"])
+    ours = answer(images[0], questions, model=sensitive["vqa"])
+    model = BlipForQuestionAnswering.from_pretrained(sensitive["vqa"]).eval()
+    processor = BlipProcessor.from_pretrained(sensitive["vqa"])
     direct = []
     for q in questions:
         with torch.no_grad():
             out = model.generate(**processor(images=images[0], text=q, return_tensors="pt"), **VQA_DEFAULTS.kwargs())
         direct.append(processor.decode(out[0], skip_special_tokens=True).strip())
-    assert ours == direct and len(ours) == 4
+    assert ours == direct and len(ours) == 4 and len(set(ours)) >= 2
+
+
+def test_vqa_pairs_from_several_users_match_plain_generate(sensitive, images):
+    from transformers import BlipForQuestionAnswering, BlipProcessor
+
+    pairs = [(images[0], "what color?"), (images[1], "what color?"), (images[2], "what shape is this"),
+             (images[0], "is it round"), (images[3], "what color?")]
+    ours = answer_pairs(pairs, model=sensitive["vqa"])
+    model = BlipForQuestionAnswering.from_pretrained(sensitive["vqa"]).eval()
+    processor = BlipProcessor.from_pretrained(sensitive["vqa"])
+    direct = []
+    for img, q in pairs:
+        with torch.no_grad():
+            out = model.generate(**processor(images=img, text=q, return_tensors="pt"), **VQA_DEFAULTS.kwargs())
+        direct.append(processor.decode(out[0], skip_special_tokens=True).strip())
+    assert ours == direct and len(set(ours)) >= 3
 
 
 def test_retrieval_ranks_as_plain_clap_cosine(tiny_models, tmp_path):

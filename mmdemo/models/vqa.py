@@ -2,7 +2,8 @@
 
 BLIP's answer decoder attends to every question token without a padding mask, so questions are
 batched only with questions of the same token length: answers are then exactly those of asking one
-question at a time.
+question at a time. Each distinct image goes through the vision encoder once per request, however many
+questions are asked about it (``model.generate`` would encode it again for every question).
 """
 
 from __future__ import annotations
@@ -61,19 +62,44 @@ def answer_pairs(
     if not pairs:
         return []
     loaded = model if isinstance(model, Loaded) else load("vqa", model)
-    tokenizer = loaded.processor.tokenizer
+    processor, tokenizer = loaded.processor, loaded.processor.tokenizer
+    # one row of pixel values per distinct image (the same object asked several questions)
+    slot: dict[int, int] = {}
+    distinct = []
+    for img, (src, _) in zip(images, pairs):
+        if id(src) not in slot:
+            slot[id(src)] = len(distinct)
+            distinct.append(img)
+    image_of = [slot[id(src)] for src, _ in pairs]
+    pixel_values = processor(images=distinct, return_tensors="pt")["pixel_values"].to(loaded.device, loaded.dtype)
+
     groups: dict[int, list[int]] = defaultdict(list)
     for i, q in enumerate(questions):
         groups[len(tokenizer(q)["input_ids"])].append(i)
     answers: list[str] = [""] * len(pairs)
-    for idx in groups.values():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            inputs = loaded.processor(images=[images[i] for i in chunk], text=[questions[i] for i in chunk],
-                                      return_tensors="pt").to(loaded.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-            with loaded.using(adapter) as m, torch.inference_mode():
-                out = m.generate(**inputs, **options.kwargs())
-            for i, text in zip(chunk, loaded.processor.batch_decode(out, skip_special_tokens=True)):
-                answers[i] = text.strip()
+    with loaded.using(adapter) as m, torch.inference_mode():
+        image_embeds = m.vision_model(pixel_values=pixel_values)[0]
+        for idx in groups.values():
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                text = tokenizer([questions[i] for i in chunk], return_tensors="pt").to(loaded.device)
+                out = _generate(m, image_embeds[[image_of[i] for i in chunk]], text, options)
+                for i, decoded in zip(chunk, processor.batch_decode(out, skip_special_tokens=True)):
+                    answers[i] = decoded.strip()
     return answers
+
+
+def _generate(model, image_embeds, text, options: GenerationOptions):
+    """``BlipForQuestionAnswering.generate`` from precomputed image embeddings (same steps, same tokens)."""
+    import torch
+
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    question_embeds = model.text_encoder(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+                                         return_dict=False)[0]
+    question_mask = torch.ones(question_embeds.shape[:-1], dtype=torch.long, device=question_embeds.device)
+    bos = torch.full((question_embeds.shape[0], 1), model.decoder_start_token_id, device=question_embeds.device)
+    cfg = model.config.text_config
+    return model.text_decoder.generate(input_ids=bos, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
+                                       encoder_hidden_states=question_embeds, encoder_attention_mask=question_mask,
+                                       **options.kwargs())
