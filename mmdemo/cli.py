@@ -117,7 +117,7 @@ def cmd_index(args) -> int:
     # Growing an existing index: keep the model it was built with unless told otherwise.
     model = args.model or (AudioIndex.open(out).model if AudioIndex.exists(out) else None)
     emb = embedder(model, adapter=args.adapter)
-    index = AudioIndex.open_or_create(out, emb.checkpoint, dim=int(emb.texts(["probe"]).shape[1]))
+    index = AudioIndex.open_or_create(out, emb.checkpoint, dim=emb.dim)
     with tqdm(total=len(files), desc="indexing", unit="clip", file=sys.stderr) as bar:
         report = index.add_files(files, emb, progress=bar.update)
     problems += report.failed

@@ -47,6 +47,11 @@ class Embedder:
     def checkpoint(self) -> str:
         return self.loaded.checkpoint
 
+    @property
+    def dim(self) -> int:
+        """Size of the shared embedding space."""
+        return int(self.loaded.model.config.projection_dim)
+
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
@@ -239,6 +244,11 @@ class AudioIndex:
     ) -> AddReport:
         """Check, decode and embed new files; bad files are reported, good ones kept. Saves at the end."""
         limits = get_settings().limits
+        if emb.dim != self.dim or emb.checkpoint != self.model:
+            raise InputError(
+                f"The index in {self.path} was built with {self.model}, not {emb.checkpoint}; "
+                f"use that model or build a new index in another folder."
+            )
         report = AddReport()
         pending: list[tuple[Path, str, float, np.ndarray]] = []
         seen = set(self._hashes)

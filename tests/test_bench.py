@@ -1,0 +1,28 @@
+"""The benchmarks still run: each one on its tiny checkpoint, on the CPU, with few iterations.
+
+These are smoke runs, not timed tests: they check that each bench builds its models, times both
+paths and prints a table with ratios; the speed claims come from GPU runs recorded in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("bench", ["caption", "index", "search"])
+def test_bench_smoke(bench, tmp_path):
+    env = {**os.environ, "MMDEMO_BENCH_CACHE": str(tmp_path), "MMDEMO_DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, f"bench/{bench}.py", "--tiny", "--quick"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["bench"].startswith(bench) and record["rows"]
+    for row in record["rows"]:
+        assert row["ratio"].endswith("x") and float(row["ratio"][:-1]) > 0
