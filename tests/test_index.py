@@ -58,3 +58,16 @@ def test_empty_and_damaged_indexes(tiny_models, tmp_path):
         AudioIndex.open(tmp_path / "idx")
     with pytest.raises(InputError, match="built with"):
         AudioIndex.open_or_create(tmp_path / "idx2", "m1", 32).save() or AudioIndex.open_or_create(tmp_path / "idx2", "m2", 32)
+
+
+def test_text_embeddings_are_cached(tiny_models, monkeypatch):
+    emb = embedder(tiny_models["retrieval"])
+    model = emb.loaded.model
+    calls = []
+    real = model.get_text_features
+    monkeypatch.setattr(model, "get_text_features", lambda **kw: calls.append(1) or real(**kw))
+    first = emb.texts(["a barking dog", "rain on a roof", "a barking dog"])
+    again = emb.texts(["rain on a roof", "a barking dog", "a new text"])
+    np.testing.assert_array_equal(first[0], again[1])
+    np.testing.assert_array_equal(first[0], first[2])
+    assert len(calls) == 2  # one batch for the first two texts, one for the only new one

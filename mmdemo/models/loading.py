@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,7 @@ class Loaded:
     lock: threading.RLock = field(default_factory=threading.RLock)  # serialises adapter switching + inference
     peft: Any = None  # PeftModel wrapper once an adapter was loaded
     adapters: dict[str, str] = field(default_factory=dict)  # resolved adapter folder -> peft adapter name
+    memo: OrderedDict = field(default_factory=OrderedDict)  # small LRU of derived values (text embeddings)
 
     @contextlib.contextmanager
     def using(self, adapter: str | Path | None = None) -> Iterator[Any]:

@@ -29,6 +29,7 @@ from mmdemo.models.features import TorchClapFeatures
 from mmdemo.models.loading import Loaded, load
 
 MIN_TAIL_SECONDS = 1.0  # a last window shorter than this is dropped when the clip has full windows
+TEXT_CACHE_SIZE = 4096  # text embeddings kept per loaded model: repeated queries and label lists are free
 
 
 class Embedder:
@@ -58,15 +59,25 @@ class Embedder:
         texts = [t.strip() for t in texts]
         if not texts or not all(texts):
             raise InputError("Type some text to search for.")
+        memo, adapter = self.loaded.memo, (str(self.adapter) if self.adapter else None)
+        found: dict[str, np.ndarray] = {}
+        with self.loaded.lock:
+            for t in dict.fromkeys(texts):
+                if ("text", adapter, t) in memo:
+                    memo.move_to_end(("text", adapter, t))
+                    found[t] = memo[("text", adapter, t)]
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         tok = self.loaded.processor.tokenizer
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = tok(texts[start:start + self.batch_size], padding=True, truncation=True,
-                        return_tensors="pt").to(self.loaded.device)
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            batch = tok(chunk, padding=True, truncation=True, return_tensors="pt").to(self.loaded.device)
             with self.loaded.using(self.adapter) as model, torch.inference_mode():
-                feats = model.get_text_features(**batch).pooler_output
-            out.append(_normalise(feats.float().cpu().numpy()))
-        return np.concatenate(out)
+                feats = _normalise(model.get_text_features(**batch).pooler_output.float().cpu().numpy())
+                for text, vec in zip(chunk, feats):
+                    found[text] = memo[("text", adapter, text)] = vec
+                while len(memo) > TEXT_CACHE_SIZE:
+                    memo.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
     def windows(self, samples: np.ndarray) -> list[np.ndarray]:
         """Consecutive model-sized windows of a clip (one window for clips up to 10 s)."""
