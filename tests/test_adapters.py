@@ -63,3 +63,24 @@ def test_bad_adapters_are_refused(tiny_models, tmp_path):
     wrong = make_adapter(tiny_models["caption"], tmp_path / "w", seed=4, task="vqa")
     with pytest.raises(InputError, match="trained for vqa"):
         caption([img], model=loaded, adapter=wrong)
+
+
+def test_bf16_base_with_adapter(tiny_models, tmp_path):
+    """The dtype a CUDA GPU gets (bf16), exercised on the CPU: base and adapter requests both run."""
+    import torch
+
+    from mmdemo.models.retrieval import AudioIndex, embedder
+
+    img = make_image(tmp_path / "a.png")
+    loaded = load("caption", tiny_models["caption"], dtype=torch.bfloat16)
+    assert loaded.model.dtype == torch.bfloat16
+    adapter = make_adapter(tiny_models["caption"], tmp_path / "a1", seed=5)
+    assert caption([img], options=OPTS, model=loaded)[0]
+    assert caption([img], options=OPTS, model=loaded, adapter=adapter)[0]
+
+    from conftest import make_tone
+
+    emb = embedder(load("retrieval", tiny_models["retrieval"], dtype="bfloat16"))
+    index = AudioIndex.open_or_create(tmp_path / "idx", emb.checkpoint, emb.dim)
+    index.add_files([make_tone(tmp_path / "t.wav"), make_tone(tmp_path / "n.wav", kind="noise")], emb)
+    assert index.embeddings.dtype.name == "float32" and len(index.search_text("a tone", emb)) == 2
