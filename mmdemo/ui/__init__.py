@@ -1,0 +1,25 @@
+"""The Gradio app: one module per tab, assembled by :func:`mmdemo.ui.app.build_app`.
+
+Tab-module convention (follow it to add a tab; registering it is one line in ``mmdemo.ui.app.TABS``):
+
+- A tab module (``mmdemo/ui/<name>.py``) defines ``TITLE: str`` (the tab's label) and
+  ``build(ctx: mmdemo.ui.context.UIContext) -> None``. ``build`` is called inside an open ``gr.Tab``
+  (available as ``ctx.tab``, e.g. for ``ctx.tab.select(...)``) and inside the app's ``gr.Blocks``
+  (``ctx.demo``, e.g. for ``ctx.demo.load(...)``). It only lays out widgets and wires events.
+  Optionally ``warm_up(ctx) -> None``: run once in the background thread after the models load.
+- ``mmdemo.ui.app.TABS`` is the ordered list of tab module names; the tab's ``elem_id`` is
+  ``tab-<module name>`` (e.g. ``tab-finetune``), which the browser tests click.
+- Handlers are plain module-level functions that take and return plain values (paths, strings,
+  numbers, lists, DataFrames), so tests call them without a browser. They raise ``MMDemoError``;
+  decorate them with :func:`mmdemo.ui.common.user_errors`, the only place that turns those into
+  ``gr.Error`` with the error's sentence.
+- Every public event has a stable ``api_name`` from DESIGN.md (``caption``, ``vqa``, ``search_audio``,
+  ``classify_audio``, ``similar_audio``, ``finetune_submit``, ``job_status``, ``job_cancel``); helper
+  events (previews, refreshes, timers) use ``api_visibility="private"``.
+- Events that run a model use ``concurrency_id=GPU_QUEUE`` and ``concurrency_limit=ctx.gpu_concurrency``
+  (``mmdemo.ui.context``) so GPU work is never oversubscribed; the model call itself goes through
+  :mod:`mmdemo.ui.gpu` (``@gpu.task``), which adds ``@spaces.GPU`` on ZeroGPU and nothing elsewhere.
+- Checkpoints come from ``ctx.checkpoint(task)``; adapter choices from
+  :func:`mmdemo.ui.common.adapter_choices` / :func:`mmdemo.ui.common.adapter_path`.
+- Nothing heavy at import time: no model loading, no CUDA, no file writes outside handlers.
+"""

@@ -1,0 +1,123 @@
+"""Assemble the tabs into one ``gr.Blocks`` and serve it; ``python app.py --help`` for the options.
+
+Adding a tab is one line in ``TABS`` (see the convention in ``mmdemo/ui/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from dataclasses import replace
+
+import gradio as gr
+
+from mmdemo.config import get_settings
+from mmdemo.models.registry import TASKS
+from mmdemo.ui.common import STATUS
+from mmdemo.ui.context import ASSETS, UIContext
+
+# One module per tab, in display order: each has TITLE and build(ctx), optionally warm_up(ctx).
+TABS: list[str] = [
+    "mmdemo.ui.caption",
+    "mmdemo.ui.vqa",
+    "mmdemo.ui.audio",
+]
+
+TINY_BANNER = ("⚠️ **Tiny test models**: this app runs on tiny random-weight checkpoints "
+               "(`--tiny-models`). Every caption, answer and score is meaningless; it only shows that the "
+               "app works.")
+CSS = "#tiny-banner {background: #fff3cd; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px;}"
+
+
+def tab_modules() -> list:
+    return [importlib.import_module(name) for name in TABS]
+
+
+def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
+    """The whole app. With ``warm_up``, models load in a background thread (the page shows progress)."""
+    ctx = ctx or UIContext()
+    checkpoints = {task: ctx.checkpoint(task) for task in TASKS}
+    ctx = replace(ctx, checkpoints=checkpoints)
+    modules = tab_modules()
+    with gr.Blocks(title="mmdemo") as demo:
+        gr.Markdown("# mmdemo\nCaption images, ask questions about them and search sounds by text or by sound.")
+        if ctx.tiny:
+            gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
+        status = gr.Markdown(STATUS.markdown(checkpoints), elem_id="model-status")
+        for module in modules:
+            with gr.Tab(module.TITLE, elem_id=f"tab-{module.__name__.rsplit('.', 1)[-1]}") as tab:
+                module.build(replace(ctx, demo=demo, tab=tab))
+        timer = gr.Timer(2.0, active=warm_up)
+
+        def poll():
+            return STATUS.markdown(checkpoints), gr.Timer(active=not STATUS.done())
+
+        timer.tick(poll, None, [status, timer], api_visibility="private", queue=False)
+        demo.load(poll, None, [status, timer], api_visibility="private", queue=False)
+    if warm_up:
+        hooks = [m.warm_up for m in modules if hasattr(m, "warm_up")]
+        STATUS.warm_up(checkpoints, then=[lambda h=h: h(ctx) for h in hooks])
+    return demo
+
+
+def launch_kwargs(port: int | None = None) -> dict:
+    """What ``launch`` needs: the port, and the folders whose files the app may serve (clips, examples)."""
+    home = get_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    return dict(
+        server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        allowed_paths=[str(home.resolve()), str(ASSETS)],
+        css=CSS,
+        theme=gr.themes.Soft(),
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="app.py", description="Serve the mmdemo Gradio app.")
+    p.add_argument("--tiny-models", action="store_true",
+                   help="run on tiny random checkpoints written to MMDEMO_HOME/tiny-models (outputs are meaningless)")
+    for task in TASKS:
+        p.add_argument(f"--{task}-model", metavar="CHECKPOINT",
+                       help=f"Hub id or local folder for {task} (default: ${TASKS[task].env_var} or "
+                            f"{TASKS[task].default_checkpoint})")
+    p.add_argument("--home", help="data folder for adapters, indexes and jobs (default: $MMDEMO_HOME or checkpoints)")
+    p.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="address to listen on")
+    p.add_argument("--gpu-concurrency", type=int, default=int(os.environ.get("MMDEMO_GPU_CONCURRENCY", "1")),
+                   help="model calls running at once, all tabs together (default 1)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="caption/VQA requests served by one call")
+    p.add_argument("--no-warm-up", action="store_true", help="load models on first use instead of at startup")
+    return p.parse_args(argv)
+
+
+def configure(args: argparse.Namespace) -> UIContext:
+    """Apply the flags to the environment (which the model layer reads) and return the UI context."""
+    if args.home:
+        os.environ["MMDEMO_HOME"] = args.home
+    checkpoints: dict[str, str] = {}
+    if args.tiny_models:
+        from mmdemo.models.tiny import TINY_FOR_TASK, write_tiny_models
+
+        folders = write_tiny_models(get_settings().home / "tiny-models")
+        checkpoints = {task: str(folders[name].resolve()) for task, name in TINY_FOR_TASK.items()}
+    for task in TASKS:
+        flag = getattr(args, f"{task}_model")
+        if flag:
+            checkpoints[task] = flag
+    for task, checkpoint in checkpoints.items():
+        os.environ[TASKS[task].env_var] = checkpoint  # so the CLI and jobs started from here agree
+    return UIContext(checkpoints=checkpoints, tiny=args.tiny_models,
+                     gpu_concurrency=max(1, args.gpu_concurrency), max_batch_size=max(1, args.max_batch_size))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ctx = configure(args)
+    demo = build_app(ctx, warm_up=not args.no_warm_up)
+    demo.queue(max_size=int(os.environ.get("MMDEMO_QUEUE_SIZE", "64")),
+               default_concurrency_limit=ctx.gpu_concurrency)
+    demo.launch(server_name=args.host, **launch_kwargs(args.port))
+
+
+__all__ = ["TABS", "build_app", "configure", "launch_kwargs", "main", "parse_args"]

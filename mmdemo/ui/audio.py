@@ -1,0 +1,262 @@
+"""Audio search tab: a persistent library (bundled clips + uploads), searched by text or by a sound.
+
+The library is an ``AudioIndex`` under ``MMDEMO_HOME/indexes/library-<checkpoint>/``; uploaded clips are
+copied to ``MMDEMO_HOME/library-clips/<content hash>/`` first (Gradio's upload folder is temporary),
+so the same clip is stored once. A text query ranks clips; a sound (upload or microphone) ranks an
+editable list of labels and finds similar clips. Handlers are plain functions of paths and strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from mmdemo.archive import extract_zip
+from mmdemo.config import get_settings
+from mmdemo.errors import InputError, MMDemoError
+from mmdemo.media import AUDIO_EXTENSIONS, file_sha256
+from mmdemo.models.retrieval import AudioIndex, Hit, embed_query_audio, find_audio_files, rank_labels
+from mmdemo.models.retrieval import embedder as make_embedder
+from mmdemo.ui import gpu
+from mmdemo.ui.common import file_path, user_errors
+from mmdemo.ui.context import ASSETS, GPU_QUEUE, UIContext
+
+TITLE = "Audio search"
+TASK = "retrieval"
+PLAYERS = 5
+MAX_UPLOADS = 500
+DEFAULT_LABELS = "beep, siren, rain, bird, whistle, drum, hum, speech, bell, chord"
+RESULT_HEADERS = ["rank", "clip", "score"]
+LABEL_HEADERS = ["rank", "label", "score"]
+LIBRARY_HEADERS = ["clip", "seconds"]
+
+_INDEXES: dict[str, AudioIndex] = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def bundled_clips() -> list[Path]:
+    return sorted(p for p in (ASSETS / "sounds").glob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+
+
+def index_dir(checkpoint: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(checkpoint).name)[:40]
+    digest = hashlib.sha1(checkpoint.encode()).hexdigest()[:8]
+    return get_settings().indexes_dir / f"library-{slug}-{digest}"
+
+
+def library(checkpoint: str):
+    """The library index for ``checkpoint`` and its embedder; the bundled clips are added on first use."""
+    emb = make_embedder(gpu.loaded(TASK, checkpoint))
+    path = index_dir(emb.checkpoint)
+    with _INDEX_LOCK:
+        index = None if gpu.ZERO_GPU else _INDEXES.get(str(path))  # ZeroGPU workers change it on disk
+        if index is None:
+            index = AudioIndex.open_or_create(path, emb.checkpoint, emb.dim)
+            if not AudioIndex.exists(path):
+                index.add_files(bundled_clips(), emb)
+            _INDEXES[str(path)] = index
+    return index, emb
+
+
+def library_rows(checkpoint: str) -> list[list]:
+    """The clips in the library, newest first (read from disk; needs no model)."""
+    path = index_dir(checkpoint)
+    with _INDEX_LOCK:
+        index = _INDEXES.get(str(path))
+    if index is None:
+        if not AudioIndex.exists(path):
+            return [[p.name, None] for p in bundled_clips()]
+        index = AudioIndex.open(path)
+    return [[c.name, round(c.duration, 2)] for c in reversed(index.clips)]  # newest first
+
+
+def _store(src: Path, store: Path) -> Path:
+    """Copy an upload into the library folder, in a folder named by its content hash (kept once)."""
+    target = store / file_sha256(src)[:16] / src.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        shutil.copyfile(src, target)
+    return target
+
+
+@gpu.task(duration=120)
+def add_clips(files, checkpoint: str | None = None) -> tuple[str, list[list]]:
+    """Add uploaded clips (and the clips inside uploaded zips) to the library; report what happened."""
+    paths = [p for p in (file_path(f) for f in (files or [])) if p]
+    if not paths:
+        raise InputError("Upload audio files (WAV, FLAC, OGG or MP3) or a zip of them to add.")
+    checkpoint = checkpoint or gpu.loaded(TASK, None).checkpoint
+    store = get_settings().home / "library-clips"
+    problems: list[tuple[str, str]] = []
+    candidates: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="mmdemo-upload-") as tmp:
+        for raw in map(Path, paths):
+            if raw.suffix.lower() == ".zip":
+                try:
+                    extracted = extract_zip(raw, Path(tmp) / raw.stem)
+                except MMDemoError as err:
+                    problems.append((raw.name, str(err)))
+                    continue
+                problems += [(raw.name, p) for p in extracted.problems]
+                found, other = find_audio_files(extracted.root)
+                candidates += found
+                problems += [(Path(p).name, why) for p, why in other]
+            elif raw.suffix.lower() in AUDIO_EXTENSIONS:
+                candidates.append(raw)
+            else:
+                problems.append((raw.name, f"{raw.name} is not an audio file (WAV, FLAC, OGG or MP3) or a zip, "
+                                           f"so it was skipped."))
+        if len(candidates) > MAX_UPLOADS:
+            raise InputError(f"{len(candidates)} clips were uploaded; add at most {MAX_UPLOADS} at a time.")
+        original = {}
+        for p in candidates:
+            original[str(_store(p, store))] = p.name
+        index, emb = library(checkpoint)
+        report = index.add_files(list(original), emb)
+    for path, why in report.failed:
+        shutil.rmtree(Path(path).parent, ignore_errors=True)  # a bad file is reported, not kept
+        problems.append((original.get(path, Path(path).name), why))
+    lines = [f"**Added {len(report.added)} clip(s)**; {len(report.duplicates)} already in the library; "
+             f"{len(problems)} could not be used. The library holds {len(index)} clips."]
+    lines += [f"- {why}" for _name, why in problems]
+    return "\n".join(lines), library_rows(checkpoint)
+
+
+def _clip_rows(hits: list[Hit]) -> tuple[list[list], list[str]]:
+    return [[h.rank, h.name, round(h.score, 4)] for h in hits], [h.path for h in hits]
+
+
+def _plot(rows: list[list]) -> pd.DataFrame:
+    return pd.DataFrame({"item": [f"{r[0]}. {r[1]}" for r in rows], "score": [r[2] for r in rows]})
+
+
+def _top_k(value) -> int:
+    try:
+        k = int(value or 5)
+    except (TypeError, ValueError):
+        raise InputError("Top-k must be a whole number.") from None
+    if not 1 <= k <= 50:
+        raise InputError(f"Top-k must be between 1 and 50, not {k}.")
+    return k
+
+
+@gpu.task(duration=60)
+def search_audio(text: str, top_k=5, checkpoint: str | None = None):
+    """Text -> clips: a table of (rank, clip, score), a plot frame and the clips' paths (for the players)."""
+    if not (text or "").strip():
+        raise InputError("Type some text to search for, such as 'a high beep'.")
+    index, emb = library(checkpoint or gpu.loaded(TASK, None).checkpoint)
+    rows, paths = _clip_rows(index.search_text(text, emb, _top_k(top_k)))
+    return rows, _plot(rows), paths
+
+
+def _query(audio, emb):
+    path = file_path(audio)
+    if not path:
+        raise InputError("Upload or record a sound to search with.")
+    return embed_query_audio(emb, path=path)
+
+
+@gpu.task(duration=60)
+def classify_audio(audio, labels: str, top_k=5, checkpoint: str | None = None):
+    """Sound -> labels: the best labels from the comma- or line-separated list, and a plot frame."""
+    index, emb = library(checkpoint or gpu.loaded(TASK, None).checkpoint)
+    candidates = [lab for lab in re.split(r"[,\n]", labels or "") if lab.strip()]
+    hits = rank_labels(_query(audio, emb), candidates, emb, _top_k(top_k))
+    rows = [[h.rank, h.label, round(h.score, 4)] for h in hits]
+    return rows, _plot(rows)
+
+
+@gpu.task(duration=60)
+def similar_audio(audio, top_k=5, checkpoint: str | None = None):
+    """Sound -> clips: the most similar clips in the library, and their paths (for the players)."""
+    index, emb = library(checkpoint or gpu.loaded(TASK, None).checkpoint)
+    rows, paths = _clip_rows(index.search_vector(_query(audio, emb), _top_k(top_k)))
+    return rows, paths
+
+
+def players(rows: list | pd.DataFrame | None, paths: list[str] | None) -> list[dict]:
+    """Fill the audio players with the ranked clips; hide the unused ones."""
+    if isinstance(rows, pd.DataFrame):
+        rows = rows.values.tolist()
+    rows, paths = rows or [], paths or []
+    updates = []
+    for i in range(PLAYERS):
+        if i < len(paths) and i < len(rows):
+            rank, name, score = rows[i][:3]
+            updates.append(gr.update(value=paths[i], label=f"{rank}. {name} — {float(score):.3f}", visible=True))
+        else:
+            updates.append(gr.update(value=None, visible=False))
+    return updates
+
+
+def warm_up(ctx: UIContext) -> None:
+    """Build the library from the bundled clips in the background, so the first search is quick."""
+    library(ctx.checkpoint(TASK))
+
+
+def build(ctx: UIContext) -> None:
+    checkpoint = ctx.checkpoint(TASK)
+    gpu_kw = dict(concurrency_id=GPU_QUEUE, concurrency_limit=ctx.gpu_concurrency)
+    clip_paths = gr.State([])
+    with gr.Row():
+        with gr.Column(scale=2):
+            gr.Markdown("### Library\nThe bundled example sounds plus yours. Uploads are kept; bad files are "
+                        "reported and skipped.")
+            uploads = gr.File(label="Add clips (audio files or a zip)", file_count="multiple",
+                              file_types=[*sorted(AUDIO_EXTENSIONS), ".zip"], elem_id="audio-uploads")
+            add = gr.Button("Add to library", elem_id="audio-add")
+            report = gr.Markdown(elem_id="audio-report")
+            table = gr.Dataframe(headers=LIBRARY_HEADERS, label="Clips in the library", interactive=False,
+                                 max_height=300, elem_id="audio-library")
+        with gr.Column(scale=3):
+            with gr.Tab("Search by text"):
+                query = gr.Textbox(label="Describe a sound", placeholder="a high beep", elem_id="audio-query")
+                with gr.Row():
+                    top_k = gr.Slider(1, 20, value=5, step=1, label="Top-k")
+                    search = gr.Button("Search", variant="primary", elem_id="audio-search")
+                results = gr.Dataframe(headers=RESULT_HEADERS, label="Ranked clips", interactive=False,
+                                       elem_id="audio-results")
+                plot = gr.BarPlot(x="item", y="score", label="Scores", sort="-y", height=220)
+                gr.Examples([["a high beep"], ["rain"], ["a siren"], ["a rising chirp"]], inputs=[query])
+            with gr.Tab("Search by sound"):
+                sound = gr.Audio(label="A sound (upload or record)", sources=["upload", "microphone"],
+                                 type="filepath", elem_id="audio-sound")
+                labels = gr.Textbox(label="Labels to rank (edit freely; commas or lines)", value=DEFAULT_LABELS,
+                                    lines=2, elem_id="audio-labels")
+                with gr.Row():
+                    top_k2 = gr.Slider(1, 20, value=5, step=1, label="Top-k")
+                    match = gr.Button("Search with this sound", variant="primary", elem_id="audio-match")
+                label_table = gr.Dataframe(headers=LABEL_HEADERS, label="Best labels", interactive=False,
+                                           elem_id="audio-labels-out")
+                label_plot = gr.BarPlot(x="item", y="score", label="Label scores", sort="-y", height=220)
+                similar = gr.Dataframe(headers=RESULT_HEADERS, label="Similar clips", interactive=False,
+                                       elem_id="audio-similar")
+                clips = bundled_clips()
+                if clips:
+                    gr.Examples([[str(p)] for p in clips[:4]], inputs=[sound])
+            gr.Markdown("#### Listen")
+            audio_players = [gr.Audio(visible=False, interactive=False, type="filepath") for _ in range(PLAYERS)]
+
+    def _ck(fn):
+        return user_errors(lambda *a: fn(*a, checkpoint=checkpoint))
+
+    add.click(_ck(add_clips), uploads, [report, table], api_visibility="private", **gpu_kw)
+    search.click(_ck(search_audio), [query, top_k], [results, plot, clip_paths], api_name="search_audio",
+                 **gpu_kw).then(players, [results, clip_paths], audio_players, api_visibility="private")
+    query.submit(_ck(search_audio), [query, top_k], [results, plot, clip_paths], api_visibility="private",
+                 **gpu_kw).then(players, [results, clip_paths], audio_players, api_visibility="private")
+    match.click(_ck(classify_audio), [sound, labels, top_k2], [label_table, label_plot],
+                api_name="classify_audio", **gpu_kw)
+    match.click(_ck(similar_audio), [sound, top_k2], [similar, clip_paths], api_name="similar_audio",
+                **gpu_kw).then(players, [similar, clip_paths], audio_players, api_visibility="private")
+    refresh = lambda: library_rows(checkpoint)  # noqa: E731
+    ctx.tab.select(refresh, None, table, api_visibility="private", queue=False)
+    ctx.demo.load(refresh, None, table, api_visibility="private", queue=False)

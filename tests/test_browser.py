@@ -1,0 +1,172 @@
+"""Playwright drives Debian's Chromium against ``python app.py --tiny-models`` on localhost.
+
+In each tab it uploads, clicks and reads a non-empty result from the page, and writes a screenshot to
+``test-artifacts/screenshots/`` (``MMDEMO_UPDATE_SCREENSHOTS=1`` also copies them to docs/screenshots/
+for the README). Skipped when Chromium or Playwright is missing; CI installs both (see .ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_tone
+
+CHROMIUM = os.environ.get("MMDEMO_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
+DOCS = ROOT / "docs" / "screenshots"
+ASSETS = ROOT / "assets"
+TIMEOUT_MS = 60_000
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); browser tests skipped",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+expect = sync_api.expect
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """``python app.py --tiny-models`` in a subprocess on a free port with its own MMDEMO_HOME."""
+    home = tmp_path_factory.mktemp("browser-home")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "MMDEMO_HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "MMDEMO_DEVICE": "cpu", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(home / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--tiny-models"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}: {(home / 'app.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"app.py did not answer in 120 s: {(home / 'app.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-dev-shm-usage"])
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        pg = context.new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(app_url)
+        expect(pg.locator("#model-status")).to_contain_text("ready", timeout=TIMEOUT_MS)
+        yield pg
+        browser.close()
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.wait_for_timeout(300)  # let transitions settle
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("MMDEMO_UPDATE_SCREENSHOTS") == "1":
+        DOCS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DOCS / path.name)
+
+
+def _assert_filled(table, known: list[str]) -> None:
+    """The table shows more than its headers and the inputs echoed back: the model's outputs."""
+    text = table.inner_text()
+    for word in known:
+        text = text.replace(word, "")
+    assert any(ch.isalnum() for ch in text), f"no result text in {table.inner_text()!r}"
+
+
+def _open_tab(page, title: str) -> None:
+    page.get_by_role("tab", name=title, exact=True).first.click()
+
+
+def test_banner_says_outputs_are_meaningless(page):
+    expect(page.locator("#tiny-banner")).to_contain_text("meaningless")
+
+
+def test_caption_tab(page):
+    _open_tab(page, "Caption")
+    images = [str(ASSETS / "images" / n) for n in ("red_circle.png", "house_scene.png")]
+    page.locator("#caption-files input[type=file]").set_input_files(images)
+    page.locator("#caption-run").click()
+    out = page.locator("#caption-output")
+    expect(out).to_contain_text("house_scene.png")
+    expect(out).to_contain_text("red_circle.png")
+    _assert_filled(out, ["Captions", "image", "caption", "house_scene.png", "red_circle.png"])
+    _shot(page, "caption")
+
+
+def test_vqa_tab(page):
+    _open_tab(page, "Visual QA")
+    page.locator("#vqa-image input[type=file]").set_input_files(str(ASSETS / "images" / "shapes.png"))
+    page.locator("#vqa-questions textarea").fill("what color is the square?\nhow many shapes are there?")
+    page.locator("#vqa-run").click()
+    out = page.locator("#vqa-output")
+    expect(out).to_contain_text("how many shapes are there?")
+    _assert_filled(out, ["Answers", "question", "answer", "what color is the square?", "how many shapes are there?"])
+    _shot(page, "vqa")
+
+
+def test_audio_tab_text_search_and_upload(page, tmp_path):
+    _open_tab(page, "Audio search")
+    expect(page.locator("#audio-library")).to_contain_text("beep.wav")
+    junk = tmp_path / "junk.wav"
+    junk.write_text("this is text, not a sound")
+    page.locator("#audio-uploads input[type=file]").set_input_files(
+        [str(make_tone(tmp_path / "my_tone.wav", 880.0)), str(junk)])
+    page.locator("#audio-add").click()
+    report = page.locator("#audio-report")
+    expect(report).to_contain_text("Added 1 clip(s)")
+    expect(report).to_contain_text("1 could not be used")
+    expect(report).to_contain_text("junk.wav is a text file")
+    expect(page.locator("#audio-library")).to_contain_text("my_tone.wav")
+    page.locator("#audio-query textarea, #audio-query input").first.fill("a high beep")
+    page.locator("#audio-search").click()
+    expect(page.locator("#audio-results")).to_contain_text(".wav")
+    expect(page.locator("audio, #waveform, .waveform-container").first).to_be_attached()
+    _shot(page, "audio_search_text")
+
+
+def test_audio_tab_sound_query(page):
+    _open_tab(page, "Audio search")
+    page.get_by_role("tab", name="Search by sound").click()
+    page.locator("#audio-sound input[type=file]").set_input_files(str(ASSETS / "sounds" / "siren.wav"))
+    page.locator("#audio-match").click()
+    labels = page.locator("#audio-labels-out")
+    expect(labels).to_contain_text("1")
+    expect(page.locator("#audio-similar")).to_contain_text("siren.wav")
+    _assert_filled(labels, ["rank", "label", "score", "Best labels"])
+    _shot(page, "audio_search_sound")

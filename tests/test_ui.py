@@ -1,0 +1,116 @@
+"""Tab handlers called as plain functions (no server, no browser), on the tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import gradio as gr
+import pytest
+
+from conftest import make_image, make_tone
+from mmdemo.errors import InputError
+from mmdemo.ui import app as ui_app
+from mmdemo.ui import audio, caption, common, vqa
+from mmdemo.ui.context import UIContext
+
+
+def test_tabs_follow_the_convention():
+    for module in ui_app.tab_modules():
+        assert isinstance(module.TITLE, str) and callable(module.build)
+
+
+def test_user_errors_turns_project_errors_into_gr_error():
+    @common.user_errors
+    def bad():
+        raise InputError("Upload at least one image to caption.")
+
+    with pytest.raises(gr.Error, match="Upload at least one image"):
+        bad()
+
+
+def test_adapter_choices_lists_finished_adapters_of_the_task(home):
+    for name, task in (("shapes-v1", "caption"), ("vqa-v1", "vqa"), ("broken", None)):
+        folder = home / "adapters" / name
+        folder.mkdir(parents=True)
+        if task:
+            (folder / "adapter_config.json").write_text("{}")
+            (folder / "mmdemo.json").write_text(json.dumps({"task": task}))
+    assert common.adapter_choices("caption") == ["base", "shapes-v1"]
+    assert common.adapter_choices("vqa") == ["base", "vqa-v1"]
+    assert common.adapter_path("caption", "base") is None
+    assert common.adapter_path("caption", "shapes-v1").endswith("shapes-v1")
+    with pytest.raises(InputError, match="trained for vqa"):
+        common.adapter_path("caption", "vqa-v1")
+    with pytest.raises(InputError, match="no adapter called"):
+        common.adapter_path("caption", "missing")
+    with pytest.raises(InputError, match="not an adapter name"):
+        common.adapter_path("caption", "../etc")
+
+
+def test_generation_options_are_checked():
+    opts = common.generation_options(2, 3, caption.CAPTION_DEFAULTS)
+    assert (opts.num_beams, opts.max_new_tokens, opts.min_new_tokens) == (2, 3, 3)
+    with pytest.raises(InputError, match="Beams must be between"):
+        common.generation_options(11, 10, caption.CAPTION_DEFAULTS)
+
+
+def test_caption_batch_groups_requests_and_isolates_bad_ones(tmp_path, tiny_models, home):
+    red, blue = make_image(tmp_path / "red.png"), make_image(tmp_path / "blue.png", "blue", "square")
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image at all")
+    (rows,) = caption.caption_batch([[str(red), str(blue)], [str(bad)], [str(red)]], ["", "", "a picture of"],
+                                    [3, 3, 3], [8, 8, 8], ["base"] * 3, checkpoint=tiny_models["caption"])
+    assert [r[0] for r in rows[0]] == ["red.png", "blue.png"] and all(r[1] for r in rows[0])
+    assert "text file" in rows[1][0][1]
+    assert len(rows[2]) == 1 and rows[2][0][1]
+    with pytest.raises(InputError, match="text file"):  # alone, a bad request raises (shown as gr.Error)
+        caption.caption_batch([[str(bad)]], [""], [3], [8], ["base"], checkpoint=tiny_models["caption"])
+
+
+def test_vqa_batch_answers_every_question(tmp_path, tiny_models, home):
+    img = make_image(tmp_path / "img.png")
+    (rows,) = vqa.vqa_batch([str(img), str(img)], ["what color?\nhow many shapes?", "what shape?"], [1, 1],
+                            [5, 5], ["base", "base"], checkpoint=tiny_models["vqa"])
+    assert [r[0] for r in rows[0]] == ["what color?", "how many shapes?"] and len(rows[1]) == 1
+    with pytest.raises(InputError, match="at least one question"):
+        vqa.vqa_batch([str(img)], ["  \n "], [1], [5], ["base"], checkpoint=tiny_models["vqa"])
+
+
+def test_audio_library_search_and_uploads(tmp_path, tiny_models, home):
+    ck = tiny_models["retrieval"]
+    rows, plot, paths = audio.search_audio("a high beep", 3, checkpoint=ck)
+    assert len(rows) == 3 and list(plot.columns) == ["item", "score"] and all(p.endswith(".wav") for p in paths)
+    n_bundled = len(audio.library_rows(ck))
+    assert n_bundled == len(audio.bundled_clips())
+
+    tone = make_tone(tmp_path / "up" / "tone.wav", 660.0)
+    junk = tmp_path / "up" / "junk.wav"
+    junk.write_text("this is not audio")
+    archive = tmp_path / "clips.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(make_tone(tmp_path / "z" / "noise.wav", kind="noise"), "clips/noise.wav")
+        zf.writestr("clips/readme.txt", "hello")
+    report, library = audio.add_clips([str(tone), str(junk), str(archive)], checkpoint=ck)
+    assert "Added 2 clip(s)" in report and "2 could not be used" in report
+    assert "junk.wav is a text file" in report and "readme.txt" in report
+    assert len(library) == n_bundled + 2
+    stored = sorted(p.name for p in (home / "library-clips").rglob("*.wav"))
+    assert stored == ["noise.wav", "tone.wav"]  # the bad file was reported, not kept
+    report, _ = audio.add_clips([str(tone)], checkpoint=ck)
+    assert "Added 0" in report and "1 already in the library" in report
+
+    label_rows, _ = audio.classify_audio(str(tone), "beep, rain\nsiren", 2, checkpoint=ck)
+    assert len(label_rows) == 2 and {r[1] for r in label_rows} <= {"beep", "rain", "siren"}
+    similar, paths = audio.similar_audio(str(tone), 1, checkpoint=ck)
+    assert similar[0][1].endswith("tone.wav") and similar[0][2] == pytest.approx(1.0, abs=1e-3)
+    updates = audio.players(similar, paths)
+    assert updates[0]["visible"] and not updates[1]["visible"]
+    with pytest.raises(InputError, match="Upload or record"):
+        audio.similar_audio(None, 3, checkpoint=ck)
+
+
+def test_build_app_registers_the_design_api_names(tiny_models):
+    demo = ui_app.build_app(UIContext(checkpoints=tiny_models, tiny=True), warm_up=False)
+    names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert {"caption", "vqa", "search_audio", "classify_audio", "similar_audio"} <= names
