@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = str(build_checkpoint("caption", cache_dir() / ("tiny-caption" if args.tiny else "blip-caption-base"),
                                   tiny=args.tiny))
     iters, warmup = (2, 1) if args.quick else (10, 3)
+    if args.quick:
+        args.requests = min(args.requests, 8)
     rng = torch.Generator().manual_seed(0)
     images = [Image.fromarray((torch.rand(384, 384, 3, generator=rng) * 255).byte().numpy())
               for _ in range(args.requests)]
