@@ -88,3 +88,77 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "mmdemo", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
+
+
+# ------------------------------------------------------------------ fine-tuning datasets (tests/test_finetune*.py)
+COLORS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+
+
+def make_shapes_dataset(root: Path, task: str = "caption", per_class: int = 4, seed: int = 0) -> Path:
+    """A learnable image dataset: coloured shapes with captions, or questions about colour and shape.
+
+    12 classes (4 colours x 3 shapes); sizes and positions jitter so that no two images are the same.
+    """
+    import csv
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for color in COLORS:
+        for shape in SHAPES:
+            for k in range(per_class):
+                name = f"{color}_{shape}_{k}.png"
+                img = Image.new("RGB", (32, 32), "white")
+                draw = ImageDraw.Draw(img)
+                s = int(rng.integers(16, 26))
+                x, y = (int(v) for v in rng.integers(0, 32 - s, size=2))
+                box = (x, y, x + s, y + s)
+                if shape == "circle":
+                    draw.ellipse(box, fill=color)
+                elif shape == "square":
+                    draw.rectangle(box, fill=color)
+                else:
+                    draw.polygon([(x + s // 2, y), (x, y + s), (x + s, y + s)], fill=color)
+                img.save(root / name)
+                if task == "vqa":
+                    rows.append({"file_name": name, "question": "what color is it?", "answer": color})
+                    rows.append({"file_name": name, "question": "what shape is it?", "answer": shape})
+                else:
+                    rows.append({"file_name": name, "text": f"a picture of a {color} {shape}"})
+    with (root / "metadata.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+SOUNDS = (  # (kind, frequency, description): clearly different sounds, described in the tiny vocabulary
+    ("sine", 220.0, "a low tone"),
+    ("sine", 1760.0, "a high tone"),
+    ("noise", 1.0, "loud noise"),
+    ("chirp", 300.0, "a rising sweep"),
+    ("pulse", 660.0, "short beep pulses"),
+    ("sine", 660.0, "a soft hum"),
+)
+
+
+def make_sounds_dataset(root: Path, per_class: int = 4, seconds: float = 1.0, start: int = 0) -> Path:
+    """A learnable audio dataset: six kinds of synthetic sound, each with its description."""
+    import csv
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c, (kind, freq, text) in enumerate(SOUNDS):
+        for k in range(start, start + per_class):
+            name = f"s{c}_{k}.wav"
+            make_tone(root / name, freq=freq * (1 + 0.03 * k) if kind != "noise" else freq + k, seconds=seconds,
+                      sr=16000, kind=kind)
+            rows.append({"file_name": name, "text": text})
+    with (root / "metadata.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["file_name", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root

@@ -22,6 +22,7 @@ TABS: list[str] = [
     "mmdemo.ui.caption",
     "mmdemo.ui.vqa",
     "mmdemo.ui.audio",
+    "mmdemo.ui.finetune",
 ]
 
 TINY_BANNER = ("⚠️ **Tiny test models**: this app runs on tiny random-weight checkpoints "

@@ -1,0 +1,348 @@
+"""Dataset uploads for fine-tuning: a zip or a folder in the ImageFolder/AudioFolder convention, checked whole.
+
+Layout (Hugging Face ImageFolder/AudioFolder)::
+
+    metadata.csv | metadata.jsonl     file_name,text              (caption; audio retrieval)
+                                      file_name,question,answer   (VQA; several rows per image allowed)
+    <media files, in any sub-folders, named by file_name relative to the metadata file>
+    optional train/ and test/ folders, each with its own metadata file
+
+``caption`` is accepted for ``text``. Without ``train/``+``test/`` a fixed-seed held-out split is made
+(about 10% of the media files, at least 2 examples), by file so that no image is in both halves.
+
+:func:`inspect_dataset` never raises for a data problem: every file is decoded and every row checked,
+and each problem becomes a :class:`Problem` (file, row, sentence) in the :class:`DatasetReport`, which the
+UI shows before the user submits. :func:`load_dataset` is the raising variant for the CLI and the worker.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmdemo.archive import extract_zip
+from mmdemo.config import get_settings
+from mmdemo.errors import InputError, LimitError, MMDemoError
+from mmdemo.media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, audio_info, load_audio, load_image
+from mmdemo.models.registry import get_task
+
+MIN_EXAMPLES = 10  # below this the held-out split says nothing and LoRA has nothing to learn from
+MAX_EXAMPLES = 5000
+MAX_TEXT_CHARS = 500
+SPLIT_SEED = 1234
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+IGNORED_SUFFIXES = {".csv", ".jsonl", ".json", ".txt", ".md"}
+
+COLUMNS = {"caption": ("text",), "vqa": ("question", "answer"), "retrieval": ("text",)}
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str  # path relative to the dataset root (or the archive's name)
+    row: int | None  # 1-based data row in the metadata file, when the problem is a row's
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}, row {self.row}" if self.row is not None else self.file
+        return f"{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Example:
+    file: str  # relative to the dataset root
+    path: Path
+    text: str = ""  # caption or audio description
+    question: str = ""
+    answer: str = ""
+
+    def target(self) -> str:
+        return self.answer if self.question else self.text
+
+    def record(self) -> dict:
+        rec = {"file": self.file}
+        rec.update({"question": self.question, "answer": self.answer} if self.question else {"text": self.text})
+        return rec
+
+
+@dataclass
+class DatasetReport:
+    task: str
+    root: Path | None
+    train: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    split: str = "held-out"  # "folders" when train/ and test/ were given
+    files: int = 0  # media files checked
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and bool(self.train) and bool(self.test)
+
+    @property
+    def examples(self) -> int:
+        return len(self.train) + len(self.test)
+
+    def counts(self) -> dict:
+        return {"files": self.files, "examples": self.examples, "train": len(self.train), "test": len(self.test),
+                "problems": len(self.problems)}
+
+    def preview(self, n: int = 5) -> list[dict]:
+        return [e.record() for e in (self.train + self.test)[:n]]
+
+    def summary(self) -> str:
+        c = self.counts()
+        head = (f"{c['examples']} examples from {c['files']} files: {c['train']} to train on, {c['test']} held out "
+                f"({'from the train/ and test/ folders' if self.split == 'folders' else 'a fixed 10% split'}).")
+        if not self.problems:
+            return head + " No problems found."
+        lines = [head, f"{len(self.problems)} problem(s) to fix before training:"]
+        lines += [f"- {p}" for p in self.problems[:50]]
+        if len(self.problems) > 50:
+            lines.append(f"- ... and {len(self.problems) - 50} more.")
+        return "\n".join(lines)
+
+    def raise_for_problems(self) -> None:
+        if self.ok:
+            return
+        if not self.problems:
+            raise InputError("The dataset has no usable examples; add media files and a metadata.csv.")
+        first = "; ".join(str(p) for p in self.problems[:5])
+        more = f" (and {len(self.problems) - 5} more problems)" if len(self.problems) > 5 else ""
+        raise InputError(f"The dataset cannot be used: {first}{more}.")
+
+
+def _read_rows(meta: Path, rel: str, problems: list[Problem]) -> list[tuple[int, dict]]:
+    try:
+        text = meta.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        problems.append(Problem(rel, None, "cannot be read as UTF-8 text; save it again as UTF-8."))
+        return []
+    rows: list[tuple[int, dict]] = []
+    if meta.suffix == ".csv":
+        try:
+            reader = csv.DictReader(text.splitlines())
+            for i, row in enumerate(reader, start=1):
+                rows.append((i, {(k or "").strip().lower(): (v or "") for k, v in row.items() if k is not None}))
+        except csv.Error as err:
+            problems.append(Problem(rel, None, f"is not valid CSV ({err}); export it again."))
+    else:
+        for i, line in enumerate(ln for ln in text.splitlines() if ln.strip()):
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                problems.append(Problem(rel, i + 1, "is not a JSON object; write one {...} per line."))
+                continue
+            rows.append((i + 1, {str(k).strip().lower(): ("" if v is None else str(v)) for k, v in obj.items()}))
+    return rows
+
+
+def _find_root(root: Path) -> Path:
+    """Descend into the single folder a zip of a folder usually holds."""
+    while True:
+        if any((root / n).is_file() for n in METADATA_NAMES) or (root / "train").is_dir():
+            return root
+        entries = [p for p in root.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]
+        if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
+            root = entries[0]
+        else:
+            return root
+
+
+def _metadata_file(folder: Path) -> Path | None:
+    for name in METADATA_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _check_media(path: Path, modality: str) -> None:
+    limits = get_settings().limits
+    if modality == "image":
+        load_image(path, limits)
+    else:
+        info = audio_info(path, limits)
+        load_audio(path, info.sample_rate, limits)  # decode it all at its own rate: catches truncated files
+
+
+def _read_split(folder: Path, root: Path, task: str, modality: str, report: DatasetReport) -> list[Example]:
+    """Examples of one folder with a metadata file; every problem goes to the report."""
+    problems = report.problems
+    columns = COLUMNS[task]
+    exts = IMAGE_EXTENSIONS if modality == "image" else AUDIO_EXTENSIONS
+    kind = "image" if modality == "image" else "audio"
+    meta = _metadata_file(folder)
+    folder_rel = folder.relative_to(root).as_posix()
+    folder_rel = "" if folder_rel == "." else folder_rel + "/"
+    if meta is None:
+        cols = ",".join(("file_name", *columns))
+        problems.append(Problem(folder_rel or ".", None,
+                                f"has no metadata.csv or metadata.jsonl; add one with the columns {cols}."))
+        return []
+    meta_rel = meta.relative_to(root).as_posix()
+    rows = _read_rows(meta, meta_rel, problems)
+    if rows:
+        present = set().union(*(r.keys() for _, r in rows))
+        if "caption" in present and "text" not in present:
+            rows = [(i, {**r, "text": r.get("caption", "")}) for i, r in rows]
+            present.add("text")
+        missing = [c for c in ("file_name", *columns) if c not in present]
+        if missing:
+            problems.append(Problem(meta_rel, None, f"has no {', '.join(missing)} column; the {task} task needs "
+                                                    f"the columns {','.join(('file_name', *columns))}."))
+            return []
+    examples: list[Example] = []
+    checked: dict[Path, str | None] = {}  # file -> problem sentence (None: fine)
+    base = folder.resolve()
+    for row_no, row in rows:
+        name = row.get("file_name", "").strip().replace("\\", "/")
+        if not name:
+            problems.append(Problem(meta_rel, row_no, "has an empty file_name; name the media file of this row."))
+            continue
+        values = {c: " ".join(row.get(c, "").split()) for c in columns}
+        empty = [c for c, v in values.items() if not v]
+        if empty:
+            problems.append(Problem(meta_rel, row_no, f"has an empty {' and '.join(empty)} for {name}; fill it in "
+                                                      f"or remove the row."))
+            continue
+        long = [c for c, v in values.items() if len(v) > MAX_TEXT_CHARS]
+        if long:
+            problems.append(Problem(meta_rel, row_no, f"has a {long[0]} over {MAX_TEXT_CHARS} characters; "
+                                                      f"shorten it."))
+            continue
+        path = folder / name
+        rel = folder_rel + name
+        if path.is_symlink():
+            checked[path] = "link"
+            problems.append(Problem(rel, row_no, "is a symbolic link; copy the real file into the dataset."))
+            continue
+        if name.startswith("/") or ".." in Path(name).parts or not path.resolve().is_relative_to(base):
+            problems.append(Problem(meta_rel, row_no, f"names {name}, which is outside the dataset folder; use a "
+                                                      f"path relative to the metadata file."))
+            continue
+        if not path.is_file():
+            problems.append(Problem(meta_rel, row_no, f"names {name}, which is not in the dataset; add the file "
+                                                      f"or fix the name."))
+            continue
+        if path not in checked:
+            if path.suffix.lower() not in exts:
+                checked[path] = (f"has an unsupported type ({path.suffix or 'no extension'}); use "
+                                 f"{', '.join(sorted(e.lstrip('.').upper() for e in exts))}.")
+            else:
+                try:
+                    _check_media(path, modality)
+                    checked[path] = None
+                except MMDemoError as err:
+                    checked[path] = str(err)
+            if checked[path]:
+                problems.append(Problem(rel, row_no, checked[path]))
+        if checked[path]:
+            continue
+        examples.append(Example(file=rel, path=path, **values))
+    # media files that no row mentions: probably a forgotten row, or the wrong file uploaded
+    referenced = set(checked) | {e.path for e in examples}
+    for p in sorted(folder.rglob("*")):
+        relp = p.relative_to(root).as_posix()
+        if any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts):
+            continue
+        if folder == root and p.relative_to(folder).parts[0] in ("train", "test"):
+            continue
+        if p in referenced or p == meta:
+            continue
+        if p.is_symlink():
+            problems.append(Problem(relp, None, "is a symbolic link; links are not allowed, copy the real file."))
+            continue
+        if not p.is_file():
+            continue
+        if p.suffix.lower() in IMAGE_EXTENSIONS | AUDIO_EXTENSIONS:
+            problems.append(Problem(relp, None, f"has no row in {meta_rel}; add a row for it or remove the file."))
+        elif p.suffix.lower() not in IGNORED_SUFFIXES:
+            problems.append(Problem(relp, None, f"is not a supported {kind} file; remove it from the dataset."))
+    report.files += len(checked)
+    return examples
+
+
+def _held_out(examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """About 10% of the files (at least 2 examples) held out, chosen with a fixed seed."""
+    files = sorted({e.file for e in examples})
+    random.Random(SPLIT_SEED).shuffle(files)
+    want = max(2, round(0.1 * len(examples)))
+    test_files: set[str] = set()
+    count = 0
+    for f in files:
+        if count >= want or len(test_files) >= len(files) - 1:
+            break
+        test_files.add(f)
+        count += sum(1 for e in examples if e.file == f)
+    return [e for e in examples if e.file not in test_files], [e for e in examples if e.file in test_files]
+
+
+def inspect_dataset(source: str | Path, task: str, workdir: str | Path | None = None) -> DatasetReport:
+    """Check a dataset (zip or folder) for ``task``; a zip is unpacked under ``workdir``. Never raises for data.
+
+    Raises ``InputError`` only for an unknown task.
+    """
+    modality = get_task(task).modality
+    source = Path(source)
+    report = DatasetReport(task=task, root=None)
+    if not source.exists():
+        report.problems.append(Problem(source.name, None, "does not exist; upload a zip or choose a folder."))
+        return report
+    if source.is_file():
+        if source.suffix.lower() != ".zip":
+            report.problems.append(Problem(source.name, None, "is not a zip archive; zip the dataset folder "
+                                                              "(media files plus metadata.csv) and upload that."))
+            return report
+        if workdir is None:
+            raise InputError("A zip dataset needs a folder to be unpacked into (workdir).")
+        dest = Path(workdir) / "data"
+        shutil.rmtree(dest, ignore_errors=True)
+        try:
+            extracted = extract_zip(source, dest)
+        except (LimitError, InputError) as err:
+            report.problems.append(Problem(source.name, None, str(err)))
+            return report
+        for sentence in extracted.problems:
+            report.problems.append(Problem(source.name, None, sentence))
+        root = extracted.root
+    elif source.is_symlink():
+        report.problems.append(Problem(source.name, None, "is a symbolic link; give the real folder."))
+        return report
+    else:
+        root = source.resolve()
+    root = _find_root(root)
+    report.root = root
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        report.split = "folders"
+        report.train = _read_split(root / "train", root, task, modality, report)
+        report.test = _read_split(root / "test", root, task, modality, report)
+    else:
+        examples = _read_split(root, root, task, modality, report)
+        report.train, report.test = _held_out(examples) if len(examples) >= MIN_EXAMPLES else (examples, [])
+    total = report.examples
+    if total > MAX_EXAMPLES:
+        report.problems.append(Problem(".", None, f"has {total:,} examples, over the limit of {MAX_EXAMPLES:,}; "
+                                                  f"keep the {MAX_EXAMPLES:,} most useful ones."))
+    elif total < MIN_EXAMPLES:
+        report.problems.append(Problem(".", None, f"has {total} usable example(s); at least {MIN_EXAMPLES} are "
+                                                  f"needed (20 or more learn better), so add "
+                                                  f"{MIN_EXAMPLES - total} more."))
+    elif report.split == "folders" and (len(report.test) < 2 or not report.train):
+        report.problems.append(Problem("test/", None, "needs at least 2 usable examples (and train/ at least one) "
+                                                      "to measure the adapter; add more."))
+    return report
+
+
+def load_dataset(source: str | Path, task: str, workdir: str | Path | None = None) -> DatasetReport:
+    """:func:`inspect_dataset` that raises ``InputError`` naming the first problems (CLI, worker)."""
+    report = inspect_dataset(source, task, workdir)
+    report.raise_for_problems()
+    return report
+
+
+__all__ = ["DatasetReport", "Example", "Problem", "MIN_EXAMPLES", "MAX_EXAMPLES", "inspect_dataset", "load_dataset"]

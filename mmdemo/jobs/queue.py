@@ -1,0 +1,352 @@
+"""The durable job queue: jobs, their progress events and their results in an embedded SQLite database.
+
+:class:`JobQueue` is the small interface the UI, the CLI and the dispatcher use; :class:`SQLiteQueue` (the
+default, ``MMDEMO_HOME/jobs.sqlite3``) implements it for one machine. A multi-machine backend (a server
+database, a Hub-hosted queue) implements the same methods. SQLite runs in WAL mode so the app, the dispatcher
+and the worker processes read and write it concurrently; each call opens its own short transaction.
+
+States: queued -> running -> succeeded | failed | cancelled. A running job whose worker disappeared (app or
+machine restart) goes back to queued with ``attempts`` + 1 and resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mmdemo.config import get_settings
+from mmdemo.errors import InputError, JobError
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+MAX_ATTEMPTS = 3  # a job interrupted this many times fails instead of looping forever
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, task TEXT NOT NULL, model TEXT, preset TEXT NOT NULL,
+    config TEXT NOT NULL, data TEXT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL,
+    created REAL NOT NULL, started REAL, finished REAL, heartbeat REAL, pid INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,
+    phase TEXT, step INTEGER, total INTEGER, loss REAL, eta REAL,
+    error TEXT, note TEXT, result TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, time REAL NOT NULL, record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    owner: str
+    task: str
+    model: str | None
+    preset: str
+    config: dict
+    data: str  # the job's own copy of the dataset (under its run folder)
+    name: str  # adapter folder name under MMDEMO_HOME/adapters
+    state: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    heartbeat: float | None = None
+    pid: int | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    phase: str | None = None
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    eta: float | None = None
+    error: str | None = None
+    note: str | None = None
+    result: dict | None = None
+    position: int | None = None  # 1 = next to run (queued jobs only)
+
+    @property
+    def adapter(self) -> str | None:
+        return (self.result or {}).get("adapter")
+
+    def record(self) -> dict:
+        """A JSON-able view for the UI and the API (no internal fields such as the pid)."""
+        keys = ("id", "task", "model", "preset", "config", "name", "state", "position", "created", "started",
+                "finished", "phase", "step", "total", "loss", "eta", "error", "note", "result", "attempts")
+        return {k: getattr(self, k) for k in keys}
+
+
+class JobQueue(Protocol):
+    """What the UI, the CLI and the dispatcher need from a queue backend."""
+
+    def add(self, job: Job) -> Job: ...
+    def list(self, owner: str | None = None) -> list[Job]: ...
+    def get(self, job_id: str, owner: str | None = None) -> Job: ...
+    def cancel(self, job_id: str, owner: str | None = None) -> Job: ...
+    def events(self, job_id: str, since: int = 0) -> list[dict]: ...
+    def log_tail(self, job_id: str, lines: int = 40) -> str: ...
+    # dispatcher / worker side
+    def claim(self, slots: int) -> Job | None: ...
+    def set_pid(self, job_id: str, pid: int) -> None: ...
+    def heartbeat(self, job_id: str) -> None: ...
+    def progress(self, job_id: str, record: dict) -> None: ...
+    def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None: ...
+    def requeue(self, job_id: str, note: str) -> None: ...
+    def run_dir(self, job_id: str) -> Path: ...
+
+
+class SQLiteQueue:
+    """The embedded queue under ``home`` (``jobs.sqlite3``, run folders in ``runs/<job id>``)."""
+
+    def __init__(self, home: str | Path):
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.path = self.home / "jobs.sqlite3"
+        self.runs = self.home / "runs"
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            if write:
+                db.execute("BEGIN IMMEDIATE")
+            yield db
+            if write:
+                db.execute("COMMIT")
+        except BaseException:
+            if write and db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    # ------------------------------------------------------------------------------------------ user side
+    def run_dir(self, job_id: str) -> Path:
+        return self.runs / job_id
+
+    def add(self, job: Job) -> Job:
+        with self._db(write=True) as db:
+            db.execute(
+                "INSERT INTO jobs (id, owner, task, model, preset, config, data, name, state, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                (job.id, job.owner, job.task, job.model, job.preset, json.dumps(job.config), job.data, job.name,
+                 job.created),
+            )
+        self.progress(job.id, {"phase": "queued", "message": "Waiting for a free GPU slot."})
+        return self.get(job.id)
+
+    def _job(self, row: sqlite3.Row, position: int | None = None) -> Job:
+        d = dict(row)
+        d["config"] = json.loads(d["config"])
+        d["result"] = json.loads(d["result"]) if d["result"] else None
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        return Job(**d, position=position)
+
+    def _positions(self, db: sqlite3.Connection) -> dict[str, int]:
+        rows = db.execute("SELECT id FROM jobs WHERE state='queued' ORDER BY created, id").fetchall()
+        return {r["id"]: i + 1 for i, r in enumerate(rows)}
+
+    def list(self, owner: str | None = None) -> list[Job]:
+        """Jobs of ``owner`` (all jobs when ``None``), newest first."""
+        with self._db() as db:
+            pos = self._positions(db)
+            if owner is None:
+                rows = db.execute("SELECT * FROM jobs ORDER BY created DESC").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM jobs WHERE owner=? ORDER BY created DESC", (owner,)).fetchall()
+        return [self._job(r, pos.get(r["id"])) for r in rows]
+
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job, if it exists and belongs to ``owner`` (any owner when ``None``)."""
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (str(job_id),)).fetchone()
+            pos = self._positions(db) if row is not None and row["state"] == "queued" else {}
+        if row is None or (owner is not None and row["owner"] != owner):
+            raise JobError(f"There is no job {job_id!r} of yours; pick one from your job list.")
+        return self._job(row, pos.get(row["id"]))
+
+    def cancel(self, job_id: str, owner: str | None = None) -> Job:
+        """Cancel a queued job at once, or ask a running one to stop (its worker is stopped within seconds)."""
+        job = self.get(job_id, owner)
+        if job.state in FINAL:
+            raise JobError(f"Job {job_id} already {job.state}; there is nothing to cancel.")
+        with self._db(write=True) as db:
+            db.execute("UPDATE jobs SET state='cancelled', finished=?, cancel_requested=1 "
+                       "WHERE id=? AND state='queued'", (time.time(), job.id))
+            db.execute("UPDATE jobs SET cancel_requested=1 WHERE id=? AND state='running'", (job.id,))
+        self.progress(job.id, {"phase": "cancelling", "message": "Cancel requested."}, update_job=False)
+        job = self.get(job.id)
+        if job.state == "running" and job.pid:
+            _signal(job.pid, 15)  # the worker's process group: it stops now, not at the next step
+        return job
+
+    def events(self, job_id: str, since: int = 0) -> list[dict]:
+        """Progress records after sequence number ``since`` (each has ``seq`` and ``time``)."""
+        with self._db() as db:
+            rows = db.execute("SELECT seq, time, record FROM events WHERE job_id=? AND seq>? ORDER BY seq",
+                              (job_id, since)).fetchall()
+        return [{"seq": r["seq"], "time": r["time"], **json.loads(r["record"])} for r in rows]
+
+    def log_tail(self, job_id: str, lines: int = 40) -> str:
+        log = self.run_dir(job_id) / "log.txt"
+        if not log.is_file():
+            return ""
+        with log.open("rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 64 * 1024))
+            text = fh.read().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    # ------------------------------------------------------------------------------- dispatcher/worker side
+    def claim(self, slots: int) -> Job | None:
+        """Atomically move the oldest queued job to running if fewer than ``slots`` jobs run."""
+        with self._db(write=True) as db:
+            running = db.execute("SELECT COUNT(*) FROM jobs WHERE state='running'").fetchone()[0]
+            if running >= slots:
+                return None
+            row = db.execute("SELECT id FROM jobs WHERE state='queued' ORDER BY created, id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            db.execute("UPDATE jobs SET state='running', started=COALESCE(started, ?), heartbeat=?, pid=NULL, "
+                       "attempts=attempts+1 WHERE id=?", (now, now, row["id"]))
+        return self.get(row["id"])
+
+    def set_pid(self, job_id: str, pid: int) -> None:
+        with self._db(write=True) as db:
+            db.execute("UPDATE jobs SET pid=?, heartbeat=? WHERE id=?", (pid, time.time(), job_id))
+
+    def heartbeat(self, job_id: str) -> None:
+        with self._db(write=True) as db:
+            db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND state='running'", (time.time(), job_id))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._db() as db:
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def progress(self, job_id: str, record: dict, update_job: bool = True) -> None:
+        """Append a progress record; the job row keeps the latest phase/step/loss/ETA for the job list."""
+        now = time.time()
+        with self._db(write=True) as db:
+            db.execute("INSERT INTO events (job_id, time, record) VALUES (?, ?, ?)", (job_id, now, json.dumps(record)))
+            if update_job:
+                db.execute("UPDATE jobs SET phase=COALESCE(?, phase), step=?, total=?, loss=COALESCE(?, loss), "
+                           "eta=?, heartbeat=? WHERE id=?",
+                           (record.get("phase"), record.get("step"), record.get("total"), record.get("loss"),
+                            record.get("eta"), now, job_id))
+
+    def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None:
+        if state not in FINAL:
+            raise ValueError(state)
+        with self._db(write=True) as db:
+            db.execute("UPDATE jobs SET state=?, finished=?, result=COALESCE(?, result), error=?, pid=NULL, eta=NULL "
+                       "WHERE id=? AND state IN ('running', 'queued')",
+                       (state, time.time(), json.dumps(result) if result is not None else None, error, job_id))
+        message = {"succeeded": "Finished.", "cancelled": "Cancelled.", "failed": error or "Failed."}[state]
+        self.progress(job_id, {"phase": state, "message": message}, update_job=False)
+
+    def requeue(self, job_id: str, note: str) -> None:
+        """Put an interrupted running job back at the head of the queue (it keeps its creation time)."""
+        with self._db(write=True) as db:
+            row = db.execute("SELECT attempts, cancel_requested FROM jobs WHERE id=? AND state='running'",
+                             (job_id,)).fetchone()
+            if row is None:
+                return
+            if row["cancel_requested"]:
+                db.execute("UPDATE jobs SET state='cancelled', finished=?, pid=NULL WHERE id=?", (time.time(), job_id))
+                note = "Cancelled."
+            elif row["attempts"] >= MAX_ATTEMPTS:
+                note = (f"The job was interrupted {row['attempts']} times, so it was stopped; submit it again, "
+                        f"with a smaller preset or batch size if the machine ran out of memory.")
+                db.execute("UPDATE jobs SET state='failed', finished=?, pid=NULL, error=? WHERE id=?",
+                           (time.time(), note, job_id))
+            else:
+                db.execute("UPDATE jobs SET state='queued', pid=NULL, note=? WHERE id=?", (note, job_id))
+        self.progress(job_id, {"phase": "queued", "message": note}, update_job=False)
+
+    def running(self) -> list[Job]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
+        return [self._job(r) for r in rows]
+
+    def delete(self, job_id: str, owner: str | None = None) -> None:
+        """Forget a finished job and its run folder (its adapter stays)."""
+        job = self.get(job_id, owner)
+        if job.state not in FINAL:
+            raise JobError(f"Job {job_id} is {job.state}; cancel it before deleting it.")
+        with self._db(write=True) as db:
+            db.execute("DELETE FROM events WHERE job_id=?", (job.id,))
+            db.execute("DELETE FROM jobs WHERE id=?", (job.id,))
+        shutil.rmtree(self.run_dir(job.id), ignore_errors=True)
+
+
+def _signal(pid: int, sig: int) -> bool:
+    """Signal the worker's process group (it runs in its own session); False if it is gone."""
+    try:
+        os.killpg(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+_QUEUES: dict[str, SQLiteQueue] = {}
+_LOCK = threading.Lock()
+
+
+def get_queue(home: str | Path | None = None) -> SQLiteQueue:
+    """The queue for ``MMDEMO_HOME`` (or ``home``); one object per database path per process."""
+    home = Path(home) if home is not None else get_settings().home
+    key = str(home.resolve())
+    with _LOCK:
+        if key not in _QUEUES:
+            _QUEUES[key] = SQLiteQueue(home)
+        return _QUEUES[key]
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def clean_owner(owner: str | None) -> str:
+    owner = (owner or "").strip()
+    if not owner or len(owner) > 200:
+        raise InputError("A job needs an owner (a Hugging Face user name or a browser session id).")
+    return owner
+
+
+__all__ = ["FINAL", "STATES", "Job", "JobQueue", "SQLiteQueue", "get_queue", "new_job_id", "pid_alive",
+           "clean_owner"]

@@ -1,0 +1,455 @@
+"""LoRA fine-tuning of a task's model: the one function both the job worker and ``python -m mmdemo finetune`` run.
+
+:func:`finetune` goes through the phases validating -> loading model -> preprocessing -> evaluating (base)
+-> training -> evaluating (adapter) -> saving, reporting each through ``progress`` (a callable taking a
+:class:`Progress`). Training is the transformers ``Trainer`` on a ``peft`` LoRA model (targets from the
+registry), with a ``TrainerCallback`` for progress, cancellation and checkpoints:
+
+- captioning and VQA use the model's own language-modelling loss (labels = the caption / answer tokens);
+- retrieval uses CLAP's symmetric contrastive loss (``return_loss=True``) with LoRA on both towers.
+
+Media are decoded and turned into model inputs once per job (pixel values, CLAP log-mel features) and kept
+as tensors, not decoded again each epoch. bf16 on a CUDA GPU that has it (base weights in bf16, LoRA weights
+in fp32 under autocast), fp32 elsewhere; a fixed seed. Checkpoints go to ``workdir/checkpoints`` every ~10%
+of the run, so an interrupted job resumes from the last one; the adapter is written to a temporary folder
+and renamed into place, with ``mmdemo.json`` and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mmdemo.data import DatasetReport, Example, load_dataset
+from mmdemo.errors import InputError, JobError
+from mmdemo.models.loading import ADAPTER_META, resolve_checkpoint
+
+PHASES = ("validating", "loading model", "preprocessing", "evaluating", "training", "saving")
+
+
+class JobCancelled(Exception):
+    """Raised inside training when the user cancelled the job."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters; presets are sized for 20-500 examples. Bad values are refused with a sentence."""
+
+    preset: str = "quick"
+    epochs: int = 5
+    learning_rate: float = 3e-4
+    rank: int = 8
+    alpha: int = 16
+    batch_size: int = 8
+    min_steps: int = 60  # small datasets still get enough updates
+    seed: int = 42
+    save_steps: int | None = None  # default: about 10 checkpoints per run
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.epochs <= 200, f"Epochs must be between 1 and 200, not {self.epochs}."),
+            (0 < self.learning_rate <= 0.1, f"The learning rate must be between 0 and 0.1, not {self.learning_rate}."),
+            (1 <= self.rank <= 256, f"The LoRA rank must be between 1 and 256, not {self.rank}."),
+            (1 <= self.alpha <= 1024, f"The LoRA alpha must be between 1 and 1024, not {self.alpha}."),
+            (1 <= self.batch_size <= 256, f"The batch size must be between 1 and 256, not {self.batch_size}."),
+            (0 <= self.min_steps <= 100_000, f"Min steps must be between 0 and 100000, not {self.min_steps}."),
+        ]
+        for ok, sentence in checks:
+            if not ok:
+                raise InputError(sentence)
+
+    @classmethod
+    def from_preset(cls, preset: str = "quick", **overrides: Any) -> TrainConfig:
+        """A preset with some fields replaced; ``None`` overrides are ignored (empty advanced fields)."""
+        key = (preset or "quick").lower()
+        if key not in PRESETS:
+            raise InputError(f"Unknown preset {preset!r}; choose quick, balanced or thorough.")
+        names = {f.name for f in fields(cls)}
+        unknown = [k for k in overrides if k not in names]
+        if unknown:
+            raise InputError(f"Unknown training setting {unknown[0]!r}; use {', '.join(sorted(names - {'preset'}))}.")
+        values = {**asdict(PRESETS[key]), **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**values)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "quick": TrainConfig("quick", epochs=5, learning_rate=3e-4, rank=8, alpha=16, batch_size=8, min_steps=60),
+    "balanced": TrainConfig("balanced", epochs=10, learning_rate=2e-4, rank=16, alpha=32, batch_size=8, min_steps=150),
+    "thorough": TrainConfig("thorough", epochs=20, learning_rate=1e-4, rank=32, alpha=64, batch_size=8,
+                            min_steps=300),
+}
+
+
+@dataclass
+class Progress:
+    phase: str
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    eta: float | None = None  # seconds
+    message: str = ""
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class Prepared:
+    """Model inputs computed once per job, and the collator that batches them."""
+
+    items: list[dict] = field(default_factory=list)
+    collate: Callable[[list[dict]], dict] | None = None
+
+
+# --------------------------------------------------------------------------------------------- preprocessing
+def _pad(seqs: list, value: int):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return out, mask
+
+
+def _pixel_values(loaded, examples: list[Example]) -> dict[str, Any]:
+    from mmdemo.media import load_image
+
+    files = list(dict.fromkeys(e.file for e in examples))
+    path = {e.file: e.path for e in examples}
+    out = {}
+    for start in range(0, len(files), 32):
+        chunk = files[start:start + 32]
+        pv = loaded.processor(images=[load_image(path[f]) for f in chunk], return_tensors="pt")["pixel_values"]
+        out.update(zip(chunk, pv))
+    return out
+
+
+def _prepare_caption(loaded, examples: list[Example]) -> Prepared:
+    tok = loaded.processor.tokenizer
+    pixels = _pixel_values(loaded, examples)
+    bos, pad = tok.bos_token_id, tok.pad_token_id
+    items = []
+    for e in examples:
+        ids = tok(e.text, truncation=True, max_length=40, return_tensors="pt")["input_ids"][0]
+        ids[0] = bos  # generation starts captions from [DEC], so training must too
+        items.append({"pixel_values": pixels[e.file], "input_ids": ids})
+
+    def collate(batch: list[dict]) -> dict:
+        import torch
+
+        ids, mask = _pad([b["input_ids"] for b in batch], pad)
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "input_ids": ids,
+                "attention_mask": mask, "labels": labels}
+
+    return Prepared(items, collate)
+
+
+def _prepare_vqa(loaded, examples: list[Example]) -> Prepared:
+    tok = loaded.processor.tokenizer
+    pixels = _pixel_values(loaded, examples)
+    start_id = loaded.model.decoder_start_token_id
+    pad = tok.pad_token_id
+    items = []
+    for e in examples:
+        q = tok(e.question, truncation=True, max_length=40, return_tensors="pt")["input_ids"][0]
+        a = tok(e.answer, truncation=True, max_length=16, return_tensors="pt")["input_ids"][0]
+        a[0] = start_id  # answers are decoded from the decoder's start token (see models/vqa.py)
+        items.append({"pixel_values": pixels[e.file], "input_ids": q, "answer_ids": a})
+
+    def collate(batch: list[dict]) -> dict:
+        import torch
+
+        q, q_mask = _pad([b["input_ids"] for b in batch], pad)
+        a, a_mask = _pad([b["answer_ids"] for b in batch], pad)
+        return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "input_ids": q,
+                "attention_mask": q_mask, "decoder_input_ids": a, "decoder_attention_mask": a_mask,
+                "labels": a.masked_fill(a_mask == 0, -100)}
+
+    return Prepared(items, collate)
+
+
+def _prepare_retrieval(loaded, examples: list[Example]) -> Prepared:
+    from mmdemo.media import load_audio
+    from mmdemo.models.retrieval import Embedder
+
+    emb = Embedder(loaded)  # same windowing and features as search: the first 10 s window of each clip
+    tok = loaded.processor.tokenizer
+    fe = loaded.processor.feature_extractor
+    waves = [emb.windows(load_audio(e.path, emb.sample_rate))[0] for e in examples]
+    feats = []
+    for start in range(0, len(waves), 16):
+        chunk = waves[start:start + 16]
+        if emb._features is not None:
+            feats += list(emb._features(chunk).cpu())
+        else:
+            feats += list(fe(chunk, sampling_rate=emb.sample_rate, return_tensors="pt")["input_features"])
+    pad = tok.pad_token_id
+    items = [{"input_features": f, "input_ids": tok(e.text, truncation=True, max_length=64,
+                                                   return_tensors="pt")["input_ids"][0]}
+             for f, e in zip(feats, examples)]
+
+    def collate(batch: list[dict]) -> dict:
+        import torch
+
+        ids, mask = _pad([b["input_ids"] for b in batch], pad)
+        return {"input_features": torch.stack([b["input_features"] for b in batch]), "input_ids": ids,
+                "attention_mask": mask, "return_loss": True}
+
+    return Prepared(items, collate)
+
+
+PREPARE = {"caption": _prepare_caption, "vqa": _prepare_vqa, "retrieval": _prepare_retrieval}
+
+
+# ----------------------------------------------------------------------------------------------- training
+class _ListDataset:
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def _callback(progress: ProgressFn, should_stop: Callable[[], bool] | None, first_step: list[int]):
+    from transformers import TrainerCallback
+
+    class JobCallback(TrainerCallback):
+        """Progress with loss and ETA at every logged step; stops at once when the job is cancelled."""
+
+        def __init__(self) -> None:
+            self.start = time.monotonic()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            first_step[0] = state.global_step
+            self.start = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            done = state.global_step - first_step[0]
+            rate = (time.monotonic() - self.start) / max(done, 1)
+            progress(Progress("training", state.global_step, state.max_steps, loss=round(float(logs["loss"]), 5),
+                              eta=round(rate * (state.max_steps - state.global_step), 1)))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if should_stop is not None and should_stop():
+                raise JobCancelled()
+
+    return JobCallback()
+
+
+def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progress: ProgressFn,
+           should_stop: Callable[[], bool] | None) -> tuple[Any, list[dict], int | None]:
+    """Train a LoRA on ``loaded.model`` in place; returns the peft model, the loss log and the resumed step."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    set_seed(config.seed)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.05,
+                      target_modules=list(loaded.arch.lora_targets))
+    model = get_peft_model(loaded.model, lora)
+    steps_per_epoch = math.ceil(len(prepared.items) / config.batch_size)
+    max_steps = max(config.epochs * steps_per_epoch, config.min_steps)
+    save_steps = config.save_steps or max(1, max_steps // 10)
+    out = workdir / "checkpoints"
+    cuda = str(loaded.device).startswith("cuda")
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate, lr_scheduler_type="linear", warmup_steps=max(1, max_steps // 20),
+        weight_decay=0.0, logging_steps=1, save_strategy="steps", save_steps=save_steps, save_total_limit=1,
+        seed=config.seed, data_seed=config.seed, bf16=cuda and loaded.dtype == torch.bfloat16,
+        use_cpu=not cuda and str(loaded.device) == "cpu", report_to=[], disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, label_names=["labels"],
+        save_only_model=False,
+    )
+    first_step = [0]
+    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(prepared.items),
+                      data_collator=prepared.collate, callbacks=[_callback(progress, should_stop, first_step)])
+    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    resumed_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else None
+    if resume:
+        progress(Progress("training", resumed_step, max_steps, message=f"Resuming from the checkpoint at step "
+                                                                          f"{resumed_step} of {max_steps}."))
+    model.train()
+    trainer.train(resume_from_checkpoint=resume)
+    model.eval()
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    return model, losses, resumed_step
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+def model_card(meta: dict) -> str:
+    hp = meta["hyperparameters"]
+    rows = "\n".join(f"| {k} | {meta['metrics_before'].get(k)} | {v} |" for k, v in meta["metrics_after"].items())
+    cls = {"caption": "BlipForConditionalGeneration", "vqa": "BlipForQuestionAnswering",
+           "retrieval": "ClapModel"}[meta["task"]]
+    return f"""---
+library_name: peft
+base_model: {meta['base_model']}
+tags: [lora, mmdemo, {meta['task']}]
+---
+# LoRA adapter for {meta['task']} on {meta['base_model']}
+
+Fine-tuned with mmdemo on {meta['data']['train']} examples ({meta['data']['test']} held out for evaluation).
+
+## Held-out metrics
+
+| metric | base model | with this adapter |
+| --- | --- | --- |
+{rows}
+
+## Hyperparameters
+
+{', '.join(f'{k}={v}' for k, v in hp.items())}
+
+## How to load it
+
+```python
+from peft import PeftModel
+from transformers import {cls}
+
+base = {cls}.from_pretrained("{meta['base_model']}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+```
+
+or in mmdemo: `python -m mmdemo {'search' if meta['task'] == 'retrieval' else meta['task']} ... --adapter path/to/this/folder`.
+"""
+
+
+def _save(model, meta: dict, out: Path) -> None:
+    """Write the adapter into ``out`` atomically: a temporary sibling folder, then one rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=1))
+    (tmp / "README.md").write_text(model_card(meta))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def finished_result(out: Path, job_id: str | None) -> dict | None:
+    """The record of an adapter this job already wrote (a crash after saving loses nothing)."""
+    meta_path = out / ADAPTER_META
+    if job_id is None or not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("job_id") != job_id:
+        return None
+    return {"adapter": str(out), "metrics_before": meta["metrics_before"], "metrics_after": meta["metrics_after"],
+            "examples": meta.get("examples", [])}
+
+
+def finetune(
+    task: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    config: TrainConfig | None = None,
+    workdir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    device: str | None = None,
+    owner: str | None = None,
+    job_id: str | None = None,
+) -> dict:
+    """Fine-tune a LoRA for ``task`` on the dataset ``data`` and write it to ``out``; return the final record.
+
+    The record is ``{"adapter", "metrics_before", "metrics_after", "examples", "losses", "data", ...}``.
+    ``workdir`` keeps the unpacked data, the base metrics and the checkpoints, so calling again with the same
+    ``workdir`` after an interruption resumes. Raises ``InputError`` for bad data, ``JobCancelled`` when
+    ``should_stop`` returns true, ``ModelLoadError`` for a missing checkpoint.
+    """
+    from mmdemo.jobs.evaluate import evaluate
+    from mmdemo.models.loading import _load_uncached, pick_device, pick_dtype
+
+    progress = progress or (lambda p: None)
+    config = config or TrainConfig.from_preset("quick")
+    out = Path(out)
+    done = finished_result(out, job_id)
+    if done is not None:
+        progress(Progress("saving", 1, 1, message="The adapter was already saved; nothing to redo."))
+        return done
+    workdir = Path(workdir) if workdir else out.parent / f".{out.name}.work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+
+    progress(Progress("validating", message="Checking every file and row of the dataset."))
+    report: DatasetReport = load_dataset(data, task, workdir)
+    progress(Progress("validating", 1, 1, message=report.summary()))
+
+    checkpoint = resolve_checkpoint(task, model)
+    progress(Progress("loading model", message=f"Loading {checkpoint}."))
+    device = pick_device(device)
+    dtype = pick_dtype(device)
+    import torch
+
+    torch.manual_seed(config.seed)
+    loaded = _load_uncached(task, checkpoint, device, dtype)  # a private copy: LoRA is injected into it
+
+    progress(Progress("preprocessing", 0, report.examples, message="Decoding media and computing model inputs."))
+    prepared = PREPARE[task](loaded, report.train)
+    progress(Progress("preprocessing", report.examples, report.examples))
+
+    before_path = workdir / "metrics_before.json"
+    if before_path.is_file():
+        before, before_samples = json.loads(before_path.read_text()).values()
+    else:
+        progress(Progress("evaluating", 0, 2, message="Scoring the base model on the held-out examples."))
+        before, before_samples = evaluate(task, loaded, report.test)
+        before_path.write_text(json.dumps({"metrics": before, "samples": before_samples}))
+    progress(Progress("evaluating", 1, 2, message=f"Base model: {before}."))
+    if should_stop is not None and should_stop():
+        raise JobCancelled()
+
+    peft_model, losses, resumed = _train(loaded, prepared, config, workdir, progress, should_stop)
+
+    progress(Progress("evaluating", 1, 2, message="Scoring the adapter on the held-out examples."))
+    loaded.memo.clear()  # cached text embeddings belong to the base weights
+    after, after_samples = evaluate(task, loaded, report.test)  # the LoRA is active inside loaded.model
+    progress(Progress("evaluating", 2, 2, message=f"With the adapter: {after}."))
+
+    progress(Progress("saving", 0, 1, message=f"Writing the adapter to {out}."))
+    examples = [{**{k: v for k, v in b.items() if k != "output"}, "base": b["output"], "adapter": a["output"]}
+                for b, a in zip(before_samples, after_samples)]
+    meta = {
+        "task": task, "base_model": checkpoint, "owner": owner, "job_id": job_id,
+        "metrics_before": before, "metrics_after": after, "examples": examples,
+        "hyperparameters": {k: v for k, v in asdict(config).items() if k != "save_steps"},
+        "data": {"train": len(report.train), "test": len(report.test), "split": report.split},
+        "device": device, "dtype": str(dtype).removeprefix("torch."), "created": time.time(),
+        "train_seconds": round(time.monotonic() - t0, 1), "resumed_from_step": resumed,
+    }
+    _save(peft_model, meta, out)
+    progress(Progress("saving", 1, 1, message="Saved."))
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # the adapter is safe; checkpoints are not needed
+    return {"adapter": str(out), "metrics_before": before, "metrics_after": after, "examples": examples,
+            "losses": losses, "data": meta["data"], "resumed_from_step": resumed}
+
+
+def check_out_folder(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and not (out / "adapter_config.json").is_file() and any(out.iterdir()):
+        raise JobError(f"{out} already exists and is not an adapter folder; choose an empty or new folder for --out.")
+    return out

@@ -1,0 +1,219 @@
+"""Fine-tune tab: upload a dataset, read its validation report, submit a LoRA job, follow it, use its adapter.
+
+Jobs run in worker processes behind :mod:`mmdemo.jobs` (started once per app by ``warm_up``/``build``); this
+module only lays out widgets and polls the job's stored progress with ``gr.Timer``, so a reloaded page or
+another browser re-attaches. The owner is the logged-in Hugging Face user (``gr.OAuthProfile``) or an
+anonymous id kept in the browser (``gr.BrowserState``); each owner sees and cancels only their own jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from mmdemo import jobs
+from mmdemo.config import get_settings
+from mmdemo.errors import InputError
+from mmdemo.models.registry import TASKS
+from mmdemo.ui.common import file_path, user_errors
+from mmdemo.ui.context import UIContext
+
+TITLE = "Fine-tune"
+PRESET_HELP = {"quick": "Quick: a few minutes; rank 8, at least 60 steps",
+               "balanced": "Balanced: rank 16, about twice as long",
+               "thorough": "Thorough: rank 32, about four times as long"}
+JOB_HEADERS = ["id", "task", "state", "queue position", "phase", "step", "loss", "adapter"]
+
+
+def owner_of(browser_id: str | None, profile: Any = None) -> str:
+    if profile is not None and getattr(profile, "username", None):
+        return f"hf:{profile.username}"
+    if not browser_id:
+        raise InputError("Your browser session has no id yet; reload the page.")
+    return f"anon:{browser_id}"
+
+
+def new_browser_id(current: str | None) -> str:
+    return current or uuid.uuid4().hex
+
+
+def validate(upload, task: str) -> tuple[str, pd.DataFrame]:
+    """The dataset's report (counts, problems) and a preview of its first examples."""
+    path = file_path(upload)
+    if not path:
+        raise InputError("Upload a zip of your dataset first (media files plus metadata.csv).")
+    workdir = Path(tempfile.mkdtemp(prefix="inspect-", dir=_scratch()))
+    report = jobs.inspect_dataset(path, task, workdir)
+    status = "✅ Ready to train." if report.ok else "❌ Fix these problems, then upload again."
+    return f"{status}\n\n{report.summary()}", pd.DataFrame(report.preview(8))
+
+
+def _scratch() -> Path:
+    folder = get_settings().home / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _int(value) -> int | None:
+    return None if value in (None, "", 0) else int(value)
+
+
+def _float(value) -> float | None:
+    return None if value in (None, "", 0) else float(value)
+
+
+def submit(upload, task, preset, epochs, lr, rank, alpha, batch_size, browser_id, profile: gr.OAuthProfile | None = None,
+           *, checkpoint: str | None = None) -> str:
+    """Queue a job; returns its id."""
+    path = file_path(upload)
+    if not path:
+        raise InputError("Upload a zip of your dataset first (media files plus metadata.csv).")
+    job = jobs.submit(task, path, owner=owner_of(browser_id, profile), preset=preset, model=checkpoint,
+                      epochs=_int(epochs), learning_rate=_float(lr), rank=_int(rank), alpha=_int(alpha),
+                      batch_size=_int(batch_size))
+    return job.id
+
+
+def job_status(job_id: str, browser_id, profile: gr.OAuthProfile | None = None) -> dict:
+    """The job's record: state, queue position, phase, step/total, loss, ETA, metrics when finished."""
+    if not job_id:
+        raise InputError("Pick a job from the list.")
+    return jobs.get(job_id, owner_of(browser_id, profile)).record()
+
+
+def job_cancel(job_id: str, browser_id, profile: gr.OAuthProfile | None = None) -> dict:
+    if not job_id:
+        raise InputError("Pick a job from the list.")
+    return jobs.cancel(job_id, owner_of(browser_id, profile)).record()
+
+
+def job_table(browser_id, profile: gr.OAuthProfile | None = None) -> pd.DataFrame:
+    rows = [[j.id, j.task, j.state, j.position or "", j.phase or "", f"{j.step or 0}/{j.total or 0}",
+             "" if j.loss is None else round(j.loss, 4), j.name if j.state == "succeeded" else ""]
+            for j in jobs.list_jobs(owner_of(browser_id, profile))]
+    return pd.DataFrame(rows, columns=JOB_HEADERS)
+
+
+def progress_html(job: dict) -> str:
+    total, step = job.get("total") or 0, job.get("step") or 0
+    pct = 100 * step / total if total else (100 if job["state"] == "succeeded" else 0)
+    eta = f", about {job['eta']:.0f} s left" if job.get("eta") else ""
+    where = f"queue position {job['position']}" if job["state"] == "queued" else (job.get("phase") or "")
+    err = f"<p><b>{job['error']}</b></p>" if job.get("error") else ""
+    note = f"<p>{job['note']}</p>" if job.get("note") and job["state"] != "succeeded" else ""
+    return (f"<p><b>{job['state']}</b> — {where} {step}/{total}{eta}</p>"
+            f"<progress value='{pct:.0f}' max='100' style='width:100%'></progress>{err}{note}")
+
+
+def details(job_id, browser_id, profile: gr.OAuthProfile | None = None):
+    """Everything the job panel shows: progress, loss curve, log tail, metrics and examples."""
+    empty = pd.DataFrame({"step": [], "loss": []})
+    if not job_id:
+        return "", empty, "", pd.DataFrame(), pd.DataFrame()
+    owner = owner_of(browser_id, profile)
+    job = jobs.get(job_id, owner).record()
+    events = jobs.events(job_id, owner=owner)
+    curve = pd.DataFrame([{"step": e["step"], "loss": e["loss"]} for e in events
+                          if e.get("phase") == "training" and "loss" in e]) if events else empty
+    result = job.get("result") or {}
+    before, after = result.get("metrics_before") or {}, result.get("metrics_after") or {}
+    metrics = pd.DataFrame([{"metric": k, "base model": before.get(k), "adapter": v} for k, v in after.items()])
+    examples = pd.DataFrame(result.get("examples") or [])
+    return (progress_html(job), curve if len(curve) else empty, jobs.log_tail(job_id, 30, owner=owner), metrics,
+            examples)
+
+
+def download(job_id, browser_id, profile: gr.OAuthProfile | None = None) -> str:
+    owner = owner_of(browser_id, profile)
+    job = jobs.get(job_id, owner)
+    if job.state != "succeeded":
+        raise InputError(f"Job {job_id} has no adapter yet ({job.state}); wait until it has succeeded.")
+    return str(jobs.zip_adapter(job.name, owner))
+
+
+def publish(job_id, repo_id, browser_id, profile: gr.OAuthProfile | None = None,
+            oauth_token: gr.OAuthToken | None = None) -> str:
+    """Upload the job's adapter with the signed-in user's token (or HF_TOKEN); the token is not kept."""
+    owner = owner_of(browser_id, profile)
+    job = jobs.get(job_id, owner)
+    if job.state != "succeeded":
+        raise InputError(f"Job {job_id} has no adapter yet ({job.state}); wait until it has succeeded.")
+    token = getattr(oauth_token, "token", None) or os.environ.get("HF_TOKEN")
+    url = jobs.publish_adapter(job.name, repo_id, token, owner=owner)
+    return f"Published to {url}"
+
+
+def warm_up(ctx: UIContext) -> None:
+    jobs.start_dispatcher()
+
+
+def build(ctx: UIContext) -> None:
+    jobs.start_dispatcher()  # idempotent; resumes interrupted jobs and runs queued ones
+    browser_id = gr.BrowserState(None, storage_key="mmdemo-owner")
+    if os.environ.get("SPACE_ID"):
+        gr.LoginButton()
+    with gr.Row():
+        with gr.Column():
+            task = gr.Radio(list(TASKS), value="caption", label="Task")
+            upload = gr.File(label="Dataset (zip: media files + metadata.csv)", file_types=[".zip"])
+            gr.Markdown("Captions: `file_name,text` · VQA: `file_name,question,answer` · Audio: `file_name,text`. "
+                        "Optional `train/` and `test/` folders; otherwise 10% is held out.")
+            preset = gr.Radio(list(jobs.PRESETS), value="quick", label="Preset",
+                              info=" · ".join(PRESET_HELP.values()))
+            with gr.Accordion("Advanced", open=False):
+                epochs = gr.Number(label="Epochs (empty: preset)", precision=0)
+                lr = gr.Number(label="Learning rate (empty: preset)")
+                rank = gr.Number(label="LoRA rank", precision=0)
+                alpha = gr.Number(label="LoRA alpha", precision=0)
+                batch = gr.Number(label="Batch size", precision=0)
+            go = gr.Button("Submit job", variant="primary")
+        with gr.Column():
+            report = gr.Markdown()
+            preview_table = gr.Dataframe(label="First examples", interactive=False)
+    with gr.Row():
+        jobs_table = gr.Dataframe(headers=JOB_HEADERS, label="Your jobs (click one)", interactive=False)
+    with gr.Row():
+        job_id = gr.Textbox(label="Job", interactive=False)
+        cancel_btn = gr.Button("Cancel job", variant="stop")
+    status_json = gr.JSON(visible=False)
+    progress = gr.HTML()
+    with gr.Row():
+        curve = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Training loss")
+        log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True)
+    metrics = gr.Dataframe(label="Held-out metrics: base model vs adapter", interactive=False)
+    examples = gr.Dataframe(label="Held-out examples", interactive=False)
+    with gr.Row():
+        dl_btn = gr.Button("Download adapter (zip)")
+        dl_file = gr.File(label="Adapter zip")
+        repo = gr.Textbox(label="Hub repository", placeholder="your-name/my-adapter")
+        pub_btn = gr.Button("Publish to the Hub")
+    pub_msg = gr.Markdown()
+    timer = gr.Timer(2.0)
+
+    ctx.demo.load(new_browser_id, browser_id, browser_id, api_visibility="private", queue=False)
+    upload.change(user_errors(validate), [upload, task], [report, preview_table], api_visibility="private")
+    task.change(user_errors(validate), [upload, task], [report, preview_table], api_visibility="private")
+    def submit_handler(u, t, p, e, lr_, r, a, b, bid, profile: gr.OAuthProfile | None = None) -> str:
+        return submit(u, t, p, e, lr_, r, a, b, bid, profile, checkpoint=ctx.checkpoint(t))
+
+    submitted = go.click(user_errors(submit_handler), [upload, task, preset, epochs, lr, rank, alpha, batch, browser_id],
+                         job_id, api_name="finetune_submit")
+    submitted.success(job_table, browser_id, jobs_table, api_visibility="private", queue=False)
+    job_id.change(user_errors(job_status), [job_id, browser_id], status_json, api_name="job_status", queue=False)
+    cancel_btn.click(user_errors(job_cancel), [job_id, browser_id], status_json, api_name="job_cancel", queue=False)
+
+    def pick(evt: gr.SelectData, table):
+        return table.iloc[evt.index[0], 0] if evt is not None and len(table) else gr.update()
+
+    jobs_table.select(pick, jobs_table, job_id, api_visibility="private", queue=False)
+    poll_outputs = [progress, curve, log, metrics, examples]
+    timer.tick(user_errors(details), [job_id, browser_id], poll_outputs, api_visibility="private", queue=False)
+    timer.tick(job_table, browser_id, jobs_table, api_visibility="private", queue=False)
+    dl_btn.click(user_errors(download), [job_id, browser_id], dl_file, api_visibility="private")
+    pub_btn.click(user_errors(publish), [job_id, repo, browser_id], pub_msg, api_visibility="private")
