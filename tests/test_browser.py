@@ -8,6 +8,7 @@ for the README). Skipped when Chromium or Playwright is missing; CI installs bot
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_tone
+from conftest import ROOT, make_shapes_dataset, make_tone
 
 CHROMIUM = os.environ.get("MMDEMO_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
@@ -170,3 +171,29 @@ def test_audio_tab_sound_query(page):
     expect(page.locator("#audio-similar")).to_contain_text("siren.wav")
     _assert_filled(labels, ["rank", "label", "score", "Best labels"])
     _shot(page, "audio_search_sound")
+
+
+def test_finetune_tab_trains_an_adapter_that_the_caption_tab_uses(page, tmp_path):
+    data = make_shapes_dataset(tmp_path / "data", "caption", per_class=1)
+    archive = shutil.make_archive(str(tmp_path / "shapes"), "zip", root_dir=data)
+    _open_tab(page, "Fine-tune")
+    page.locator("#ft-upload input[type=file]").set_input_files(archive)
+    expect(page.locator("#ft-report")).to_contain_text("Ready to train")
+    expect(page.locator("#ft-preview")).to_contain_text(".png")
+    page.locator("#ft-submit").click()
+    expect(page.locator("#ft-job textarea, #ft-job input").first).to_have_value(re.compile(r"\d{8}-\d{6}-\w+"))
+    expect(page.locator("#ft-jobs")).to_contain_text("succeeded", timeout=240_000)
+    expect(page.locator("#ft-metrics")).to_contain_text("bleu4")
+    expect(page.locator("#ft-progress")).to_contain_text("succeeded")
+    expect(page.locator("#ft-log textarea")).not_to_have_value("")
+    _shot(page, "finetune")
+
+    job_id = page.locator("#ft-job textarea, #ft-job input").first.input_value()
+    _open_tab(page, "Caption")
+    page.locator("#caption-adapter input").click()
+    page.get_by_role("option", name=f"caption-{job_id}").click()
+    page.locator("#caption-files input[type=file]").set_input_files(str(ASSETS / "images" / "red_circle.png"))
+    page.locator("#caption-run").click()
+    out = page.locator("#caption-output")
+    expect(out).to_contain_text("red_circle.png")
+    _assert_filled(out, ["Captions", "image", "caption", "red_circle.png"])

@@ -29,15 +29,22 @@ def test_user_errors_turns_project_errors_into_gr_error():
         bad()
 
 
-def test_adapter_choices_lists_finished_adapters_of_the_task(home):
-    for name, task in (("shapes-v1", "caption"), ("vqa-v1", "vqa"), ("broken", None)):
+def test_adapter_choices_lists_the_visitors_adapters_of_the_task(home):
+    adapters = (("shapes-v1", "caption", "anon:a", False), ("vqa-v1", "vqa", "anon:a", False),
+                ("theirs", "caption", "anon:b", False), ("shared", "caption", "anon:b", True), ("broken", None, "", False))
+    for i, (name, task, owner, published) in enumerate(adapters):
         folder = home / "adapters" / name
         folder.mkdir(parents=True)
         if task:
             (folder / "adapter_config.json").write_text("{}")
-            (folder / "mmdemo.json").write_text(json.dumps({"task": task}))
-    assert common.adapter_choices("caption") == ["base", "shapes-v1"]
-    assert common.adapter_choices("vqa") == ["base", "vqa-v1"]
+            (folder / "mmdemo.json").write_text(json.dumps({"task": task, "owner": owner, "published": published,
+                                                            "created": i}))
+    assert common.adapter_choices("caption", "anon:a") == ["base", "shared", "shapes-v1"]
+    assert common.adapter_choices("vqa", "anon:a") == ["base", "vqa-v1"]
+    assert common.adapter_choices("caption", "anon:b") == ["base", "shared", "theirs"]
+    assert common.adapter_choices("caption", None) == ["base"]
+    update = common.refresh_adapters("caption", "theirs", "a")  # another user's adapter is not offered
+    assert update["choices"] == ["base", "shared", "shapes-v1"] and update["value"] == "base"
     assert common.adapter_path("caption", "base") is None
     assert common.adapter_path("caption", "shapes-v1").endswith("shapes-v1")
     with pytest.raises(InputError, match="trained for vqa"):

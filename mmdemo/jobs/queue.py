@@ -338,7 +338,8 @@ def get_queue(home: str | Path | None = None) -> SQLiteQueue:
 
 
 def new_job_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    # 48 random bits: an adapter is named after its job, and the name is what an API call passes
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:12]
 
 
 def clean_owner(owner: str | None) -> str:

@@ -14,7 +14,7 @@ import gradio as gr
 
 from mmdemo.config import get_settings
 from mmdemo.models.registry import TASKS
-from mmdemo.ui.common import STATUS
+from mmdemo.ui.common import STATUS, new_browser_id
 from mmdemo.ui.context import ASSETS, UIContext
 
 # One module per tab, in display order: each has TITLE and build(ctx), optionally warm_up(ctx).
@@ -46,9 +46,13 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
         if ctx.tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
         status = gr.Markdown(STATUS.markdown(checkpoints), elem_id="model-status")
+        if os.environ.get("SPACE_ID"):
+            gr.LoginButton()  # on a Space: jobs and adapters belong to the signed-in user
+        browser_id = gr.BrowserState(None, storage_key="mmdemo-owner")
+        identified = demo.load(new_browser_id, browser_id, browser_id, api_visibility="private", queue=False)
         for module in modules:
             with gr.Tab(module.TITLE, elem_id=f"tab-{module.__name__.rsplit('.', 1)[-1]}") as tab:
-                module.build(replace(ctx, demo=demo, tab=tab))
+                module.build(replace(ctx, demo=demo, tab=tab, browser_id=browser_id, ready=identified.then))
         timer = gr.Timer(2.0, active=warm_up)
 
         def poll():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,7 +15,7 @@ import gradio as gr
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError, MMDemoError
 from mmdemo.models.generation import GenerationOptions
-from mmdemo.models.loading import ADAPTER_META, check_adapter
+from mmdemo.models.loading import check_adapter
 from mmdemo.ui import gpu
 
 log = logging.getLogger(__name__)
@@ -37,21 +37,30 @@ def user_errors(fn: F) -> F:
 
 
 # ----------------------------------------------------------------------------------------------- adapters
-def adapter_choices(task: str) -> list[str]:
-    """``base`` plus every finished adapter for ``task`` under ``MMDEMO_HOME/adapters`` (read each call)."""
-    root = get_settings().adapters_dir
-    names = []
-    if root.is_dir():
-        for folder in sorted(root.iterdir()):
-            meta = folder / ADAPTER_META
-            if not (folder / "adapter_config.json").is_file() or not meta.is_file():
-                continue
-            try:
-                if json.loads(meta.read_text()).get("task") == task:
-                    names.append(folder.name)
-            except (OSError, ValueError):
-                log.warning("skipping adapter %s: unreadable %s", folder, ADAPTER_META)
-    return [BASE, *names]
+def owner_of(browser_id: str | None, profile: Any = None) -> str:
+    """Who is asking: the signed-in Hugging Face user, else the anonymous id this browser keeps.
+
+    The anonymous id is a random 128-bit value in the browser's local storage (``gr.BrowserState``), so
+    a reload or a second tab is the same user; API clients pass the id they were given.
+    """
+    if profile is not None and getattr(profile, "username", None):
+        return f"hf:{profile.username}"
+    if not browser_id:
+        raise InputError("Your browser session has no id yet; reload the page.")
+    return f"anon:{browser_id}"
+
+
+def new_browser_id(current: str | None) -> str:
+    return current or uuid.uuid4().hex
+
+
+def adapter_choices(task: str, owner: str | None) -> list[str]:
+    """``base`` plus the finished adapters for ``task`` that ``owner`` may use (theirs, or published)."""
+    from mmdemo import jobs
+
+    if owner is None:
+        return [BASE]
+    return [BASE, *(a["name"] for a in jobs.list_adapters(task, owner))]
 
 
 def adapter_path(task: str, choice: str | None) -> str | None:
@@ -68,13 +77,28 @@ def adapter_path(task: str, choice: str | None) -> str | None:
 
 
 def adapter_dropdown(task: str) -> gr.Dropdown:
-    return gr.Dropdown(choices=adapter_choices(task), value=BASE, label="Model",
+    # Only "base" at build time: the page fills in the visitor's own adapters on load (refresh_adapters).
+    return gr.Dropdown(choices=[BASE], value=BASE, label="Model", allow_custom_value=True, elem_id=f"{task}-adapter",
                        info="the base model, or one of your fine-tuned adapters for this task")
 
 
-def refresh_adapters(task: str, current: str | None = None) -> dict:
-    choices = adapter_choices(task)
+def refresh_adapters(task: str, current: str | None, browser_id: str | None, profile: Any = None) -> dict:
+    try:
+        owner = owner_of(browser_id, profile)
+    except InputError:
+        owner = None
+    choices = adapter_choices(task, owner)
     return gr.update(choices=choices, value=current if current in choices else BASE)
+
+
+def wire_adapter_refresh(ctx, task: str, dropdown, button) -> None:
+    """Refill ``dropdown`` with the visitor's adapters on page load, on tab select and on ``button``."""
+
+    def refresh(current, browser_id, profile: gr.OAuthProfile | None = None):
+        return refresh_adapters(task, current, browser_id, profile)
+
+    for trigger in (button.click, ctx.tab.select, ctx.ready):
+        trigger(refresh, [dropdown, ctx.browser_id], dropdown, api_visibility="private", queue=False)
 
 
 def generation_options(num_beams: Any, max_new_tokens: Any, defaults: GenerationOptions) -> GenerationOptions:

@@ -20,6 +20,8 @@ class UIContext:
     max_batch_size: int = 16  # requests of one batched event served by one call
     demo: Any = None  # the gr.Blocks being built
     tab: Any = None  # the gr.Tab this module is being built in
+    browser_id: Any = None  # gr.BrowserState: this browser's anonymous id (see common.owner_of)
+    ready: Any = None  # like ``demo.load``, but runs once ``browser_id`` is set
 
     def checkpoint(self, task: str) -> str:
         return self.checkpoints.get(task) or resolve_checkpoint(task)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -21,7 +19,7 @@ from mmdemo import jobs
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError
 from mmdemo.models.registry import TASKS
-from mmdemo.ui.common import file_path, user_errors
+from mmdemo.ui.common import file_path, owner_of, user_errors
 from mmdemo.ui.context import UIContext
 
 TITLE = "Fine-tune"
@@ -29,18 +27,6 @@ PRESET_HELP = {"quick": "Quick: a few minutes; rank 8, at least 60 steps",
                "balanced": "Balanced: rank 16, about twice as long",
                "thorough": "Thorough: rank 32, about four times as long"}
 JOB_HEADERS = ["id", "task", "state", "queue position", "phase", "step", "loss", "adapter"]
-
-
-def owner_of(browser_id: str | None, profile: Any = None) -> str:
-    if profile is not None and getattr(profile, "username", None):
-        return f"hf:{profile.username}"
-    if not browser_id:
-        raise InputError("Your browser session has no id yet; reload the page.")
-    return f"anon:{browser_id}"
-
-
-def new_browser_id(current: str | None) -> str:
-    return current or uuid.uuid4().hex
 
 
 def validate(upload, task: str) -> tuple[str, pd.DataFrame]:
@@ -94,7 +80,8 @@ def job_cancel(job_id: str, browser_id, profile: gr.OAuthProfile | None = None) 
 
 
 def job_table(browser_id, profile: gr.OAuthProfile | None = None) -> pd.DataFrame:
-    rows = [[j.id, j.task, j.state, j.position or "", j.phase or "", f"{j.step or 0}/{j.total or 0}",
+    rows = [[j.id, j.task, j.state, j.position or "", "" if j.state in jobs.FINAL else (j.phase or ""),
+             f"{j.step or 0}/{j.total or 0}",
              "" if j.loss is None else round(j.loss, 4), j.name if j.state == "succeeded" else ""]
             for j in jobs.list_jobs(owner_of(browser_id, profile))]
     return pd.DataFrame(rows, columns=JOB_HEADERS)
@@ -155,13 +142,11 @@ def warm_up(ctx: UIContext) -> None:
 
 def build(ctx: UIContext) -> None:
     jobs.start_dispatcher()  # idempotent; resumes interrupted jobs and runs queued ones
-    browser_id = gr.BrowserState(None, storage_key="mmdemo-owner")
-    if os.environ.get("SPACE_ID"):
-        gr.LoginButton()
+    browser_id = ctx.browser_id
     with gr.Row():
         with gr.Column():
-            task = gr.Radio(list(TASKS), value="caption", label="Task")
-            upload = gr.File(label="Dataset (zip: media files + metadata.csv)", file_types=[".zip"])
+            task = gr.Radio(list(TASKS), value="caption", label="Task", elem_id="ft-task")
+            upload = gr.File(label="Dataset (zip: media files + metadata.csv)", file_types=[".zip"], elem_id="ft-upload")
             gr.Markdown("Captions: `file_name,text` · VQA: `file_name,question,answer` · Audio: `file_name,text`. "
                         "Optional `train/` and `test/` folders; otherwise 10% is held out.")
             preset = gr.Radio(list(jobs.PRESETS), value="quick", label="Preset",
@@ -172,22 +157,23 @@ def build(ctx: UIContext) -> None:
                 rank = gr.Number(label="LoRA rank", precision=0)
                 alpha = gr.Number(label="LoRA alpha", precision=0)
                 batch = gr.Number(label="Batch size", precision=0)
-            go = gr.Button("Submit job", variant="primary")
+            go = gr.Button("Submit job", variant="primary", elem_id="ft-submit")
         with gr.Column():
-            report = gr.Markdown()
-            preview_table = gr.Dataframe(label="First examples", interactive=False)
+            report = gr.Markdown(elem_id="ft-report")
+            preview_table = gr.Dataframe(label="First examples", interactive=False, elem_id="ft-preview")
     with gr.Row():
-        jobs_table = gr.Dataframe(headers=JOB_HEADERS, label="Your jobs (click one)", interactive=False)
+        jobs_table = gr.Dataframe(headers=JOB_HEADERS, label="Your jobs (click one)", interactive=False,
+                                  elem_id="ft-jobs")
     with gr.Row():
-        job_id = gr.Textbox(label="Job", interactive=False)
+        job_id = gr.Textbox(label="Job", interactive=False, elem_id="ft-job")
         cancel_btn = gr.Button("Cancel job", variant="stop")
     status_json = gr.JSON(visible=False)
-    progress = gr.HTML()
+    progress = gr.HTML(elem_id="ft-progress")
     with gr.Row():
         curve = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Training loss")
-        log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True)
-    metrics = gr.Dataframe(label="Held-out metrics: base model vs adapter", interactive=False)
-    examples = gr.Dataframe(label="Held-out examples", interactive=False)
+        log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="ft-log")
+    metrics = gr.Dataframe(label="Held-out metrics: base model vs adapter", interactive=False, elem_id="ft-metrics")
+    examples = gr.Dataframe(label="Held-out examples", interactive=False, elem_id="ft-examples")
     with gr.Row():
         dl_btn = gr.Button("Download adapter (zip)")
         dl_file = gr.File(label="Adapter zip")
@@ -196,11 +182,12 @@ def build(ctx: UIContext) -> None:
     pub_msg = gr.Markdown()
     timer = gr.Timer(2.0)
 
-    ctx.demo.load(new_browser_id, browser_id, browser_id, api_visibility="private", queue=False)
     upload.change(user_errors(validate), [upload, task], [report, preview_table], api_visibility="private")
     task.change(user_errors(validate), [upload, task], [report, preview_table], api_visibility="private")
-    def submit_handler(u, t, p, e, lr_, r, a, b, bid, profile: gr.OAuthProfile | None = None) -> str:
-        return submit(u, t, p, e, lr_, r, a, b, bid, profile, checkpoint=ctx.checkpoint(t))
+    def submit_handler(dataset, task, preset, epochs, learning_rate, rank, alpha, batch_size, browser_id,
+                       profile: gr.OAuthProfile | None = None) -> str:
+        return submit(dataset, task, preset, epochs, learning_rate, rank, alpha, batch_size, browser_id, profile,
+                      checkpoint=ctx.checkpoint(task))
 
     submitted = go.click(user_errors(submit_handler), [upload, task, preset, epochs, lr, rank, alpha, batch, browser_id],
                          job_id, api_name="finetune_submit")

@@ -21,8 +21,8 @@ from mmdemo.ui.common import (
     adapter_path,
     file_path,
     generation_options,
-    refresh_adapters,
     user_errors,
+    wire_adapter_refresh,
 )
 from mmdemo.ui.context import ASSETS, GPU_QUEUE, UIContext
 
@@ -128,6 +128,4 @@ def build(ctx: UIContext) -> None:
         batch=True, max_batch_size=ctx.max_batch_size, concurrency_id=GPU_QUEUE,
         concurrency_limit=ctx.gpu_concurrency,
     )
-    refresh_fn = lambda current: refresh_adapters(TASK, current)  # noqa: E731
-    refresh.click(refresh_fn, adapter, adapter, api_visibility="private", queue=False)
-    ctx.tab.select(refresh_fn, adapter, adapter, api_visibility="private", queue=False)
+    wire_adapter_refresh(ctx, TASK, adapter, refresh)
