@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base_lat = median(timeit(plain_one, device, warmup, iters))
     base_all = median(timeit(plain_all, device, min(warmup, 1), max(1, iters // 5)))
-    del plain
+    plain = None  # free it before loading the project path
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 

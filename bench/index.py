@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         plain_run(paths)
         sync(device)
         base = time.perf_counter() - t0
-        del plain
+        plain = None  # free it before loading the project path
 
         loaded = load("retrieval", folder, device=device)
         emb = Embedder(loaded, batch_size=args.batch)
