@@ -9,12 +9,13 @@ import threading
 
 import pytest
 
-from conftest import ROOT, make_image
+from conftest import ROOT, make_image, make_shapes_dataset
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-API_NAMES = {"caption", "vqa", "search_audio", "classify_audio", "similar_audio"}
+API_NAMES = {"caption", "vqa", "search_audio", "classify_audio", "similar_audio", "finetune_submit", "job_status",
+             "job_cancel"}
 
 
 def _free_port() -> int:
@@ -117,3 +118,27 @@ def test_concurrent_caption_requests_share_forward_passes(served, tmp_path, monk
     print(f"16 concurrent caption requests -> forward passes of sizes {passes}")
     assert sum(passes) == 16
     assert len(passes) < 16, f"16 requests took {len(passes)} forward passes: {passes}"
+
+
+def test_finetune_submit_status_and_cancel(served, tmp_path):
+    """A programmer's round trip: submit a dataset, read the job's record, cancel it; others cannot see it."""
+    import shutil
+
+    data = make_shapes_dataset(tmp_path / "data", "caption", per_class=1)
+    archive = shutil.make_archive(str(tmp_path / "shapes"), "zip", root_dir=data)
+    job_id = served.predict(handle_file(archive), "caption", "quick", 1, None, None, None, None, "api-user-1",
+                            api_name="/finetune_submit")
+    assert isinstance(job_id, str) and job_id
+    record = served.predict(job_id, "api-user-1", api_name="/job_status")
+    assert record["id"] == job_id and record["task"] == "caption"
+    assert record["state"] in {"queued", "running", "succeeded"} and record["config"]["epochs"] == 1
+    with pytest.raises(Exception, match="job"):
+        served.predict(job_id, "api-user-2", api_name="/job_status")
+    cancelled = served.predict(job_id, "api-user-1", api_name="/job_cancel")
+    assert cancelled["id"] == job_id and cancelled["state"] in {"cancelled", "succeeded"}
+
+    bad = tmp_path / "bad.zip"
+    bad.write_text("not a zip")
+    with pytest.raises(Exception, match="not a zip archive"):
+        served.predict(handle_file(str(bad)), "caption", "quick", None, None, None, None, None, "api-user-1",
+                       api_name="/finetune_submit")
