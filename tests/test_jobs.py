@@ -144,3 +144,43 @@ def test_sigkill_while_a_job_runs_and_another_waits_loses_nothing(home, data, ti
         for job in queue.running():
             if job.pid:
                 os.killpg(job.pid, signal.SIGKILL)
+
+
+def _start_web_app(home):
+    """``python app.py`` itself (the dispatcher runs inside it), on a free port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MMDEMO_HOME": str(home), "MMDEMO_JOB_SLOTS": "1", "OMP_NUM_THREADS": "1",
+           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    return subprocess.Popen([sys.executable, "app.py", "--tiny-models", "--no-warm-up"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_web_app_alone_keeps_the_running_worker(home, data, tiny_models):
+    """Only ``app.py`` is killed: its worker runs on in its own session, the restarted app leaves it alone,
+    and then runs the queued job. Both adapters appear; the first job was never restarted."""
+    first = jobs.submit("caption", data, owner="alice", model=tiny_models["caption"], min_steps=300, **FAST)
+    second = jobs.submit("caption", data, owner="alice", model=tiny_models["caption"], min_steps=5, **FAST)
+    queue = get_queue()
+    app = _start_web_app(home)
+    try:
+        running = _wait(lambda: (j := queue.get(first.id)).step and j.step >= 20 and j, timeout=180)
+        os.kill(app.pid, signal.SIGKILL)
+        app.wait()
+        assert pid_alive(running.pid)  # the worker outlived the app
+        app = _start_web_app(home)
+        for job_id in (first.id, second.id):
+            job = jobs.wait(job_id, timeout=240)
+            assert job.state == "succeeded", (job.error, queue.log_tail(job_id))
+            assert (home / "adapters" / job.name / "adapter_model.safetensors").is_file()
+        assert queue.get(first.id).attempts == 1
+    finally:
+        app.kill()
+        app.wait()
+        for job in queue.running():
+            if job.pid:
+                os.killpg(job.pid, signal.SIGKILL)

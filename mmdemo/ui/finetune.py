@@ -34,10 +34,11 @@ def validate(upload, task: str) -> tuple[str, pd.DataFrame]:
     path = file_path(upload)
     if not path:
         raise InputError("Upload a zip of your dataset first (media files plus metadata.csv).")
-    workdir = Path(tempfile.mkdtemp(prefix="inspect-", dir=_scratch()))
-    report = jobs.inspect_dataset(path, task, workdir)
+    with tempfile.TemporaryDirectory(prefix="inspect-", dir=_scratch()) as workdir:  # a check only: nothing kept
+        report = jobs.inspect_dataset(path, task, Path(workdir))
+        preview = pd.DataFrame(report.preview(8))
     status = "✅ Ready to train." if report.ok else "❌ Fix these problems, then upload again."
-    return f"{status}\n\n{report.summary()}", pd.DataFrame(report.preview(8))
+    return f"{status}\n\n{report.summary()}", preview
 
 
 def _scratch() -> Path:
