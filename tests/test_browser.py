@@ -144,6 +144,7 @@ def test_vqa_tab(page):
 def test_audio_tab_text_search_and_upload(page, tmp_path):
     _open_tab(page, "Audio search")
     expect(page.locator("#audio-library")).to_contain_text("beep.wav")
+    expect(page.locator("#retrieval-adapter input")).to_have_value("base")  # the user's adapters are offered here
     junk = tmp_path / "junk.wav"
     junk.write_text("this is text, not a sound")
     page.locator("#audio-uploads input[type=file]").set_input_files(

@@ -117,6 +117,69 @@ def test_audio_library_search_and_uploads(tmp_path, tiny_models, home):
         audio.similar_audio(None, 3, checkpoint=ck)
 
 
+def _retrieval_adapter(checkpoint: str, home, name: str, seed: int) -> str:
+    """A random (non-zero) LoRA for the tiny CLAP, saved where the Fine-tune tab puts adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import ClapModel
+
+    torch.manual_seed(seed)
+    folder = home / "adapters" / name
+    peft = get_peft_model(ClapModel.from_pretrained(checkpoint),
+                          LoraConfig(r=4, lora_alpha=64, target_modules=["query", "value"], init_lora_weights=False))
+    peft.save_pretrained(folder)
+    (folder / "mmdemo.json").write_text(json.dumps({"task": "retrieval", "owner": "anon:a"}))
+    return name
+
+
+def test_audio_search_with_a_retrieval_adapter(tmp_path, tiny_models, home, monkeypatch):
+    from mmdemo.models.retrieval import Embedder
+
+    ck = tiny_models["retrieval"]
+    name = _retrieval_adapter(ck, home, "clap-lora", seed=7)
+    assert common.adapter_choices("retrieval", "anon:a") == ["base", name]
+    n = len(audio.bundled_clips())
+    tone = make_tone(tmp_path / "up" / "tone.wav", 660.0)
+    audio.add_clips([str(tone)], checkpoint=ck)  # joins the base library before the adapter's is made
+    base_rows, _, base_paths = audio.search_audio("a high beep", n + 1, "base", checkpoint=ck)
+
+    embedded: list[int] = []
+    waveforms = Embedder.waveforms
+
+    def counting(self, clips):
+        embedded.append(len(clips))
+        return waveforms(self, clips)
+
+    monkeypatch.setattr(Embedder, "waveforms", counting)
+    rows, plot, paths = audio.search_audio("a high beep", n + 1, name, checkpoint=ck)
+    assert sum(embedded) == n + 1  # the adapter's library was filled from the base library, once
+    assert sorted(paths) == sorted(base_paths) and len(paths) == n + 1  # the same clips...
+    base_scores = {r[1]: r[2] for r in base_rows}
+    scores = {r[1]: r[2] for r in rows}
+    assert scores != base_scores  # ...scored by the adapter
+    assert list(plot.columns) == ["item", "score"] and len(plot) == n + 1
+    adapter_dir = audio.index_dir(ck, str(home / "adapters" / name))
+    assert adapter_dir.parent == audio.index_dir(ck).parent and adapter_dir != audio.index_dir(ck)
+
+    embedded.clear()
+    audio._INDEXES.clear()  # as after a restart: the adapter's library is read back from disk
+    again, _, _ = audio.search_audio("a high beep", n + 1, name, checkpoint=ck)
+    assert embedded == [] and again == rows
+
+    later = make_tone(tmp_path / "up" / "later.wav", 330.0, kind="square")
+    audio.add_clips([str(later)], checkpoint=ck)
+    embedded.clear()
+    similar, similar_paths = audio.similar_audio(str(later), 1, name, checkpoint=ck)
+    assert embedded == [1, 1]  # the new clip topped up the adapter's library, then the query itself
+    assert similar[0][1] == "later.wav" and similar[0][2] == pytest.approx(1.0, abs=1e-3)
+    base_labels, _ = audio.classify_audio(str(tone), "beep, rain, siren", 3, "base", checkpoint=ck)
+    labels, _ = audio.classify_audio(str(tone), "beep, rain, siren", 3, name, checkpoint=ck)
+    assert {r[1] for r in labels} == {"beep", "rain", "siren"}
+    assert {r[1]: r[2] for r in labels} != {r[1]: r[2] for r in base_labels}
+    with pytest.raises(InputError, match="no adapter called"):
+        audio.search_audio("a high beep", 3, "missing", checkpoint=ck)
+
+
 def test_build_app_registers_the_design_api_names(tiny_models):
     demo = ui_app.build_app(UIContext(checkpoints=tiny_models, tiny=True), warm_up=False)
     names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}

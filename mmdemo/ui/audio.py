@@ -4,11 +4,17 @@ The library is an ``AudioIndex`` under ``MMDEMO_HOME/indexes/library-<checkpoint
 copied to ``MMDEMO_HOME/library-clips/<content hash>/`` first (Gradio's upload folder is temporary),
 so the same clip is stored once. A text query ranks clips; a sound (upload or microphone) ranks an
 editable list of labels and finds similar clips. Handlers are plain functions of paths and strings.
+
+Searching with a fine-tuned retrieval adapter needs the clips embedded by that adapter, so each adapter
+gets its own index in a sibling folder (``library-<checkpoint>--<adapter>-<hash of its folder>``). The base
+library stays the list of clips; an adapter's library is filled on first use and topped up on each
+use with the base clips it lacks (only those are embedded), so it persists across restarts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 import tempfile
@@ -22,10 +28,23 @@ from mmdemo.archive import extract_zip
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError, MMDemoError
 from mmdemo.media import AUDIO_EXTENSIONS, file_sha256
-from mmdemo.models.retrieval import AudioIndex, Hit, embed_query_audio, find_audio_files, rank_labels
-from mmdemo.models.retrieval import embedder as make_embedder
+from mmdemo.models.retrieval import (
+    AudioIndex,
+    Embedder,
+    Hit,
+    embed_query_audio,
+    find_audio_files,
+    rank_labels,
+)
 from mmdemo.ui import gpu
-from mmdemo.ui.common import file_path, user_errors
+from mmdemo.ui.common import (
+    BASE,
+    adapter_dropdown,
+    adapter_path,
+    file_path,
+    user_errors,
+    wire_adapter_refresh,
+)
 from mmdemo.ui.context import ASSETS, GPU_QUEUE, UIContext
 
 TITLE = "Audio search"
@@ -37,32 +56,68 @@ RESULT_HEADERS = ["rank", "clip", "score"]
 LABEL_HEADERS = ["rank", "label", "score"]
 LIBRARY_HEADERS = ["clip", "seconds"]
 
+log = logging.getLogger(__name__)
 _INDEXES: dict[str, AudioIndex] = {}
 _INDEX_LOCK = threading.Lock()
+_FILL_LOCKS: dict[str, threading.Lock] = {}  # adapter library folder -> lock held while it is topped up
 
 
 def bundled_clips() -> list[Path]:
     return sorted(p for p in (ASSETS / "sounds").glob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
 
 
-def index_dir(checkpoint: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(checkpoint).name)[:40]
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:40]
+
+
+def index_dir(checkpoint: str, adapter: str | None = None) -> Path:
+    """The library folder for ``checkpoint`` (the base library), or for ``adapter`` on it (a sibling)."""
     digest = hashlib.sha1(checkpoint.encode()).hexdigest()[:8]
-    return get_settings().indexes_dir / f"library-{slug}-{digest}"
+    base = get_settings().indexes_dir / f"library-{_slug(Path(checkpoint).name)}-{digest}"
+    if adapter is None:
+        return base
+    folder = Path(adapter).expanduser().resolve()
+    key = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
+    return base.with_name(f"{base.name}--{_slug(folder.name)}-{key}")
 
 
-def library(checkpoint: str):
-    """The library index for ``checkpoint`` and its embedder; the bundled clips are added on first use."""
-    emb = make_embedder(gpu.loaded(TASK, checkpoint))
+def _open(path: Path, emb: Embedder) -> AudioIndex:
+    """The index at ``path`` from this process's cache (opened or created on first use); hold _INDEX_LOCK."""
+    index = None if gpu.ZERO_GPU else _INDEXES.get(str(path))  # ZeroGPU workers change it on disk
+    if index is None:
+        index = AudioIndex.open_or_create(path, emb.checkpoint, emb.dim)
+        _INDEXES[str(path)] = index
+    return index
+
+
+def library(checkpoint: str, adapter: str | None = None) -> tuple[AudioIndex, Embedder]:
+    """The library index and embedder for ``checkpoint``, or for ``adapter`` (a folder) on it.
+
+    The base library gets the bundled clips on first use. An adapter's library holds the same clips
+    embedded with the adapter: the base clips whose content it lacks are embedded now, nothing else.
+    """
+    loaded = gpu.loaded(TASK, checkpoint)
+    emb = Embedder(loaded)
     path = index_dir(emb.checkpoint)
     with _INDEX_LOCK:
-        index = None if gpu.ZERO_GPU else _INDEXES.get(str(path))  # ZeroGPU workers change it on disk
-        if index is None:
-            index = AudioIndex.open_or_create(path, emb.checkpoint, emb.dim)
-            if not AudioIndex.exists(path):
-                index.add_files(bundled_clips(), emb)
-            _INDEXES[str(path)] = index
-    return index, emb
+        index = _open(path, emb)
+        if not AudioIndex.exists(path):
+            index.add_files(bundled_clips(), emb)
+        if adapter is None:
+            return index, emb
+        emb = Embedder(loaded, adapter=adapter)
+        own = _open(index_dir(emb.checkpoint, adapter), emb)
+        fill_lock = _FILL_LOCKS.setdefault(str(own.path), threading.Lock())
+    # Filled outside _INDEX_LOCK (embedding a big library takes a while; the base library stays usable),
+    # but one filler per adapter library, so two requests never embed the same clip twice.
+    with fill_lock:
+        have = {c.sha256 for c in own.clips}
+        missing = [c.path for c in list(index.clips) if c.sha256 not in have]
+        if missing or not AudioIndex.exists(own.path):
+            report = own.add_files(missing, emb)
+            for _path, why in report.failed:  # e.g. a clip deleted by hand since it joined the base library
+                log.warning("a clip is missing from the %s library: %s", Path(adapter).name, why)
+    return own, emb
 
 
 def library_rows(checkpoint: str) -> list[list]:
@@ -147,12 +202,19 @@ def _top_k(value) -> int:
     return k
 
 
-@gpu.task(duration=60)
-def search_audio(text: str, top_k=5, checkpoint: str | None = None):
-    """Text -> clips: a table of (rank, clip, score), a plot frame and the clips' paths (for the players)."""
+def _checkpoint(checkpoint: str | None) -> str:
+    return checkpoint or gpu.loaded(TASK, None).checkpoint
+
+
+@gpu.task(duration=120)  # the first search with an adapter embeds the library with it
+def search_audio(text: str, top_k=5, model: str | None = BASE, checkpoint: str | None = None):
+    """Text -> clips: a table of (rank, clip, score), a plot frame and the clips' paths (for the players).
+
+    ``model`` is ``"base"`` or the name of one of the user's retrieval adapters.
+    """
     if not (text or "").strip():
         raise InputError("Type some text to search for, such as 'a high beep'.")
-    index, emb = library(checkpoint or gpu.loaded(TASK, None).checkpoint)
+    index, emb = library(_checkpoint(checkpoint), adapter_path(TASK, model))
     rows, paths = _clip_rows(index.search_text(text, emb, _top_k(top_k)))
     return rows, _plot(rows), paths
 
@@ -165,19 +227,23 @@ def _query(audio, emb):
 
 
 @gpu.task(duration=60)
-def classify_audio(audio, labels: str, top_k=5, checkpoint: str | None = None):
-    """Sound -> labels: the best labels from the comma- or line-separated list, and a plot frame."""
-    index, emb = library(checkpoint or gpu.loaded(TASK, None).checkpoint)
+def classify_audio(audio, labels: str, top_k=5, model: str | None = BASE, checkpoint: str | None = None):
+    """Sound -> labels: the best labels from the comma- or line-separated list, and a plot frame.
+
+    The sound and the labels are both embedded by ``model`` (``"base"`` or a retrieval adapter's name);
+    no library is needed.
+    """
+    emb = Embedder(gpu.loaded(TASK, _checkpoint(checkpoint)), adapter=adapter_path(TASK, model))
     candidates = [lab for lab in re.split(r"[,\n]", labels or "") if lab.strip()]
     hits = rank_labels(_query(audio, emb), candidates, emb, _top_k(top_k))
     rows = [[h.rank, h.label, round(h.score, 4)] for h in hits]
     return rows, _plot(rows)
 
 
-@gpu.task(duration=60)
-def similar_audio(audio, top_k=5, checkpoint: str | None = None):
-    """Sound -> clips: the most similar clips in the library, and their paths (for the players)."""
-    index, emb = library(checkpoint or gpu.loaded(TASK, None).checkpoint)
+@gpu.task(duration=120)  # the first search with an adapter embeds the library with it
+def similar_audio(audio, top_k=5, model: str | None = BASE, checkpoint: str | None = None):
+    """Sound -> clips: the most similar clips in the library (embedded by ``model``), and their paths."""
+    index, emb = library(_checkpoint(checkpoint), adapter_path(TASK, model))
     rows, paths = _clip_rows(index.search_vector(_query(audio, emb), _top_k(top_k)))
     return rows, paths
 
@@ -217,6 +283,9 @@ def build(ctx: UIContext) -> None:
             table = gr.Dataframe(headers=LIBRARY_HEADERS, label="Clips in the library", interactive=False,
                                  max_height=300, elem_id="audio-library")
         with gr.Column(scale=3):
+            with gr.Row():
+                model = adapter_dropdown(TASK)
+                refresh_models = gr.Button("↻", scale=0, min_width=40)
             with gr.Tab("Search by text"):
                 query = gr.Textbox(label="Describe a sound", placeholder="a high beep", elem_id="audio-query")
                 with gr.Row():
@@ -249,14 +318,15 @@ def build(ctx: UIContext) -> None:
         return user_errors(lambda *a: fn(*a, checkpoint=checkpoint))
 
     add.click(_ck(add_clips), uploads, [report, table], api_visibility="private", **gpu_kw)
-    search.click(_ck(search_audio), [query, top_k], [results, plot, clip_paths], api_name="search_audio",
+    search.click(_ck(search_audio), [query, top_k, model], [results, plot, clip_paths], api_name="search_audio",
                  **gpu_kw).then(players, [results, clip_paths], audio_players, api_visibility="private")
-    query.submit(_ck(search_audio), [query, top_k], [results, plot, clip_paths], api_visibility="private",
+    query.submit(_ck(search_audio), [query, top_k, model], [results, plot, clip_paths], api_visibility="private",
                  **gpu_kw).then(players, [results, clip_paths], audio_players, api_visibility="private")
-    match.click(_ck(classify_audio), [sound, labels, top_k2], [label_table, label_plot],
+    match.click(_ck(classify_audio), [sound, labels, top_k2, model], [label_table, label_plot],
                 api_name="classify_audio", **gpu_kw)
-    match.click(_ck(similar_audio), [sound, top_k2], [similar, clip_paths], api_name="similar_audio",
+    match.click(_ck(similar_audio), [sound, top_k2, model], [similar, clip_paths], api_name="similar_audio",
                 **gpu_kw).then(players, [similar, clip_paths], audio_players, api_visibility="private")
+    wire_adapter_refresh(ctx, TASK, model, refresh_models)
     refresh = lambda: library_rows(checkpoint)  # noqa: E731
     ctx.tab.select(refresh, None, table, api_visibility="private", queue=False)
     ctx.demo.load(refresh, None, table, api_visibility="private", queue=False)
