@@ -26,3 +26,18 @@ def test_bench_smoke(bench, tmp_path):
     assert record["bench"].startswith(bench) and record["rows"]
     for row in record["rows"]:
         assert row["ratio"].endswith("x") and float(row["ratio"][:-1]) > 0
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The GPU check script (model layer + a Quick job) runs end to end on the tiny models on the CPU."""
+    env = {**os.environ, "MMDEMO_BENCH_CACHE": str(tmp_path), "MMDEMO_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--examples", "24"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == ["environment", "model layer (tiny)", "quick fine-tune (tiny BLIP caption)"]
+    layer, job = records[1], records[2]
+    assert len(layer["captions"]) == 3 and all(layer["captions"]) and layer["indexed"] >= 8
+    assert layer["by_sound"][0]["score"] > 0.99 and len(layer["labels"]) == 3
+    assert job["steps"] >= 60 and job["train_samples_per_s"] > 0 and "bleu4" in job["metrics_after"]

@@ -77,7 +77,9 @@ def test_cli_finetune_prints_the_final_record_and_refuses_bad_data(tiny_models, 
                    "--model", tiny_models["caption"], "--epochs", "1", "--min-steps", "3", "--lr", "1e-3",
                    env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, lines  # stdout holds the JSON record alone; progress goes to stderr
+    record = json.loads(lines[0])
     assert set(record) == {"adapter", "metrics_before", "metrics_after"} and set(record["metrics_after"]) == {
         "bleu4", "cider"}
     assert (out / "adapter_config.json").is_file() and "training" in proc.stderr

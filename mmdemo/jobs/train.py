@@ -256,8 +256,12 @@ def _callback(progress: ProgressFn, should_stop: Callable[[], bool] | None, firs
 
 
 def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progress: ProgressFn,
-           should_stop: Callable[[], bool] | None) -> tuple[Any, list[dict], int | None]:
-    """Train a LoRA on ``loaded.model`` in place; returns the peft model, the loss log and the resumed step."""
+           should_stop: Callable[[], bool] | None) -> tuple[Any, list[dict], int | None, dict]:
+    """Train a LoRA on ``loaded.model`` in place.
+
+    Returns the peft model, the loss log, the step it resumed from and the Trainer's metrics (runtime,
+    samples/s).
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
@@ -284,16 +288,20 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
     first_step = [0]
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(prepared.items),
                       data_collator=prepared.collate, callbacks=[_callback(progress, should_stop, first_step)])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # stdout is the CLI's JSON lines; progress goes through JobCallback
     resume = get_last_checkpoint(str(out)) if out.is_dir() else None
     resumed_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else None
     if resume:
         progress(Progress("training", resumed_step, max_steps, message=f"Resuming from the checkpoint at step "
                                                                           f"{resumed_step} of {max_steps}."))
     model.train()
-    trainer.train(resume_from_checkpoint=resume)
+    output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-    return model, losses, resumed_step
+    metrics = {k: round(float(v), 4) for k, v in output.metrics.items() if isinstance(v, (int, float))}
+    return model, losses, resumed_step, metrics
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
@@ -423,7 +431,7 @@ def finetune(
     if should_stop is not None and should_stop():
         raise JobCancelled()
 
-    peft_model, losses, resumed = _train(loaded, prepared, config, workdir, progress, should_stop)
+    peft_model, losses, resumed, train_metrics = _train(loaded, prepared, config, workdir, progress, should_stop)
 
     progress(Progress("evaluating", 1, 2, message="Scoring the adapter on the held-out examples."))
     loaded.memo.clear()  # cached text embeddings belong to the base weights
@@ -440,12 +448,13 @@ def finetune(
         "data": {"train": len(report.train), "test": len(report.test), "split": report.split},
         "device": device, "dtype": str(dtype).removeprefix("torch."), "created": time.time(),
         "train_seconds": round(time.monotonic() - t0, 1), "resumed_from_step": resumed,
+        "trainer_metrics": train_metrics,
     }
     _save(peft_model, meta, out)
     progress(Progress("saving", 1, 1, message="Saved."))
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # the adapter is safe; checkpoints are not needed
     return {"adapter": str(out), "metrics_before": before, "metrics_after": after, "examples": examples,
-            "losses": losses, "data": meta["data"], "resumed_from_step": resumed}
+            "losses": losses, "data": meta["data"], "resumed_from_step": resumed, "trainer_metrics": train_metrics}
 
 
 def check_out_folder(out: str | Path) -> Path:
