@@ -46,6 +46,7 @@ def test_caption_lora_learns_shapes(tiny_models, tmp_path):
     data = make_shapes_dataset(tmp_path / "data", "caption", per_class=4)
     r = _run("caption", data, tmp_path, tiny_models, learning_rate=1e-2, rank=16, alpha=32, epochs=1, min_steps=400)
     before, after = r["metrics_before"], r["metrics_after"]
+    print(f"caption held-out: before {before} after {after}")
     assert before["bleu4"] < 0.2 and after["bleu4"] > 0.5, (before, after)
     assert after["cider"] > before["cider"] + 1.0, (before, after)
     assert r["examples"][0]["adapter"].startswith("a picture of")
@@ -57,6 +58,7 @@ def test_vqa_lora_learns_colours_and_shapes(tiny_models, tmp_path):
     r = _run("vqa", data, tmp_path, tiny_models, learning_rate=5e-3, rank=16, alpha=64, batch_size=16, epochs=1,
              min_steps=1200)
     before, after = r["metrics_before"], r["metrics_after"]
+    print(f"vqa held-out: before {before} after {after}")
     assert before["accuracy"] <= 0.1 and after["accuracy"] >= 0.4, (before, after)
 
 
@@ -66,6 +68,7 @@ def test_retrieval_lora_learns_sounds(tiny_models, tmp_path):
     make_sounds_dataset(tmp_path / "data" / "test", per_class=2, start=4)
     r = _run("retrieval", tmp_path / "data", tmp_path, tiny_models, learning_rate=5e-3, epochs=1, min_steps=150)
     before, after = r["metrics_before"], r["metrics_after"]
+    print(f"retrieval held-out: before {before} after {after}")
     assert before["text_to_audio_r1"] <= 0.5 and before["audio_to_text_r1"] <= 0.5, before
     assert after["text_to_audio_r1"] >= 0.75 and after["audio_to_text_r1"] >= 0.75, after
 
