@@ -19,7 +19,9 @@ Tab-module convention (follow it to add a tab; registering it is one line in ``m
 - Events that run a model use ``concurrency_id=GPU_QUEUE`` and ``concurrency_limit=ctx.gpu_concurrency``
   (``mmdemo.ui.context``) so GPU work is never oversubscribed; the model call itself goes through
   :mod:`mmdemo.ui.gpu` (``@gpu.task``), which adds ``@spaces.GPU`` on ZeroGPU and nothing elsewhere.
-- Checkpoints come from ``ctx.checkpoint(task)``; adapter choices from
-  :func:`mmdemo.ui.common.adapter_choices` / :func:`mmdemo.ui.common.adapter_path`.
+- Checkpoints come from ``ctx.checkpoint(task)``; the "Model" row (base or one of the visitor's adapters,
+  refreshed on load, tab select and its button) from :func:`mmdemo.ui.common.model_selector`, and a
+  chosen name resolves with :func:`mmdemo.ui.common.adapter_path`. Who the visitor is:
+  :func:`mmdemo.ui.common.owner_of` with ``ctx.browser_id`` (and ``gr.OAuthProfile`` on a Space).
 - Nothing heavy at import time: no model loading, no CUDA, no file writes outside handlers.
 """

@@ -39,11 +39,10 @@ from mmdemo.models.retrieval import (
 from mmdemo.ui import gpu
 from mmdemo.ui.common import (
     BASE,
-    adapter_dropdown,
     adapter_path,
     file_path,
+    model_selector,
     user_errors,
-    wire_adapter_refresh,
 )
 from mmdemo.ui.context import ASSETS, GPU_QUEUE, UIContext
 
@@ -283,9 +282,7 @@ def build(ctx: UIContext) -> None:
             table = gr.Dataframe(headers=LIBRARY_HEADERS, label="Clips in the library", interactive=False,
                                  max_height=300, elem_id="audio-library")
         with gr.Column(scale=3):
-            with gr.Row():
-                model = adapter_dropdown(TASK)
-                refresh_models = gr.Button("↻", scale=0, min_width=40)
+            model = model_selector(ctx, TASK)
             with gr.Tab("Search by text"):
                 query = gr.Textbox(label="Describe a sound", placeholder="a high beep", elem_id="audio-query")
                 with gr.Row():
@@ -326,7 +323,6 @@ def build(ctx: UIContext) -> None:
                 api_name="classify_audio", **gpu_kw)
     match.click(_ck(similar_audio), [sound, top_k2, model], [similar, clip_paths], api_name="similar_audio",
                 **gpu_kw).then(players, [similar, clip_paths], audio_players, api_visibility="private")
-    wire_adapter_refresh(ctx, TASK, model, refresh_models)
     refresh = lambda: library_rows(checkpoint)  # noqa: E731
     ctx.tab.select(refresh, None, table, api_visibility="private", queue=False)
     ctx.demo.load(refresh, None, table, api_visibility="private", queue=False)

@@ -91,6 +91,15 @@ def refresh_adapters(task: str, current: str | None, browser_id: str | None, pro
     return gr.update(choices=choices, value=current if current in choices else BASE)
 
 
+def model_selector(ctx, task: str) -> gr.Dropdown:
+    """The "Model" row of a tab: base or one of the visitor's adapters, with a refresh button."""
+    with gr.Row():
+        dropdown = adapter_dropdown(task)
+        button = gr.Button("↻", scale=0, min_width=40)
+    wire_adapter_refresh(ctx, task, dropdown, button)
+    return dropdown
+
+
 def wire_adapter_refresh(ctx, task: str, dropdown, button) -> None:
     """Refill ``dropdown`` with the visitor's adapters on page load, on tab select and on ``button``."""
 

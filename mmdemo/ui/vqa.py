@@ -17,12 +17,11 @@ from mmdemo.models import vqa as vqa_model
 from mmdemo.models.generation import VQA_DEFAULTS
 from mmdemo.ui import gpu
 from mmdemo.ui.common import (
-    adapter_dropdown,
     adapter_path,
     file_path,
     generation_options,
+    model_selector,
     user_errors,
-    wire_adapter_refresh,
 )
 from mmdemo.ui.context import ASSETS, GPU_QUEUE, UIContext
 
@@ -113,9 +112,7 @@ def build(ctx: UIContext) -> None:
             with gr.Accordion("Decoding options", open=False):
                 beams = gr.Slider(1, 10, value=VQA_DEFAULTS.num_beams, step=1, label="Beams")
                 max_new = gr.Slider(1, 50, value=VQA_DEFAULTS.max_new_tokens, step=1, label="Max new tokens")
-            with gr.Row():
-                adapter = adapter_dropdown(TASK)
-                refresh = gr.Button("↻", scale=0, min_width=40)
+            adapter = model_selector(ctx, TASK)
             run = gr.Button("Answer", variant="primary", elem_id="vqa-run")
         with gr.Column():
             table = gr.Dataframe(headers=HEADERS, label="Answers", interactive=False, wrap=True,
@@ -128,4 +125,3 @@ def build(ctx: UIContext) -> None:
         batch=True, max_batch_size=ctx.max_batch_size, concurrency_id=GPU_QUEUE,
         concurrency_limit=ctx.gpu_concurrency,
     )
-    wire_adapter_refresh(ctx, TASK, adapter, refresh)
