@@ -255,6 +255,23 @@ def _callback(progress: ProgressFn, should_stop: Callable[[], bool] | None, firs
     return JobCallback()
 
 
+def _last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that was fully written; half-written ones (killed mid-save) are removed.
+
+    The Trainer writes ``trainer_state.json`` last, so a folder without it was interrupted; resuming from
+    it would fail, while the previous checkpoint (kept until the new one is complete) is intact.
+    """
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
+                   key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    complete = [p for p in found if (p / "trainer_state.json").is_file()]
+    for p in found:
+        if p not in complete:
+            shutil.rmtree(p, ignore_errors=True)
+    return str(complete[-1]) if complete else None
+
+
 def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progress: ProgressFn,
            should_stop: Callable[[], bool] | None) -> tuple[Any, list[dict], int | None, dict]:
     """Train a LoRA on ``loaded.model`` in place.
@@ -265,7 +282,6 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     set_seed(config.seed)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.05,
@@ -291,7 +307,7 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # stdout is the CLI's JSON lines; progress goes through JobCallback
-    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    resume = _last_complete_checkpoint(out)
     resumed_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else None
     if resume:
         progress(Progress("training", resumed_step, max_steps, message=f"Resuming from the checkpoint at step "
@@ -308,8 +324,7 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
 def model_card(meta: dict) -> str:
     hp = meta["hyperparameters"]
     rows = "\n".join(f"| {k} | {meta['metrics_before'].get(k)} | {v} |" for k, v in meta["metrics_after"].items())
-    cls = {"caption": "BlipForConditionalGeneration", "vqa": "BlipForQuestionAnswering",
-           "retrieval": "ClapModel"}[meta["task"]]
+    cls = meta["model_class"]  # from the registry entry the base model loaded through
     return f"""---
 library_name: peft
 base_model: {meta['base_model']}
@@ -442,7 +457,8 @@ def finetune(
     examples = [{**{k: v for k, v in b.items() if k != "output"}, "base": b["output"], "adapter": a["output"]}
                 for b, a in zip(before_samples, after_samples)]
     meta = {
-        "task": task, "base_model": checkpoint, "owner": owner, "job_id": job_id,
+        "task": task, "base_model": checkpoint, "model_class": loaded.arch.model_class, "owner": owner,
+        "job_id": job_id,
         "metrics_before": before, "metrics_after": after, "examples": examples,
         "hyperparameters": {k: v for k, v in asdict(config).items() if k != "save_steps"},
         "data": {"train": len(report.train), "test": len(report.test), "split": report.split},
