@@ -184,3 +184,18 @@ def test_sigkill_of_the_web_app_alone_keeps_the_running_worker(home, data, tiny_
         for job in queue.running():
             if job.pid:
                 os.killpg(job.pid, signal.SIGKILL)
+
+
+def test_resume_skips_a_checkpoint_killed_mid_save(tmp_path):
+    """A SIGKILL during a save leaves a checkpoint without trainer_state.json: resume from the one before."""
+    from mmdemo.jobs.train import _last_complete_checkpoint
+
+    assert _last_complete_checkpoint(tmp_path / "none") is None
+    for step, complete in ((25, True), (50, True), (75, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"w")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert _last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-50")
+    assert not (tmp_path / "checkpoint-75").exists()
