@@ -8,11 +8,17 @@ Env vars:
     MMDEMO_DEVICE            cuda, cuda:1, mps or cpu (default: the best available)
     MMDEMO_DTYPE             bfloat16, float16 or float32 (default: bf16 on a CUDA GPU with it, else fp32)
     MMDEMO_MAX_IMAGE_PIXELS, MMDEMO_MAX_IMAGE_MB, MMDEMO_MAX_AUDIO_MB, MMDEMO_MAX_AUDIO_SECONDS  input limits
+    MMDEMO_MIN_AUDIO_SECONDS shortest audio clip accepted (default 0.1)
+    MMDEMO_MAX_QUEUED_JOBS   fine-tuning jobs one user may have waiting or running at once (default 3)
+
+:func:`ensure_writable` checks that a data folder (``MMDEMO_HOME``) can be written before anything relies on it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +37,16 @@ def _env_float(name: str, default: float) -> float:
         raise InputError(f"{name} must be a number, but it is {raw!r}.") from None
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(f"{name} must be a whole number, but it is {raw!r}.") from None
+
+
 @dataclass(frozen=True)
 class Limits:
     """Input limits that protect the server from oversized or malicious media."""
@@ -39,11 +55,17 @@ class Limits:
     max_image_bytes: int = 30 * 1024 * 1024
     max_audio_bytes: int = 100 * 1024 * 1024
     max_audio_seconds: float = 600.0
+    min_audio_seconds: float = 0.1  # shorter clips carry no usable sound and embed as noise
 
     def __post_init__(self) -> None:
         for name in ("max_image_pixels", "max_image_bytes", "max_audio_bytes", "max_audio_seconds"):
             if getattr(self, name) <= 0:
                 raise InputError(f"The limit {name} must be positive; check the MMDEMO_MAX_* settings.")
+        if not 0 <= self.min_audio_seconds < self.max_audio_seconds:
+            raise InputError(
+                f"MMDEMO_MIN_AUDIO_SECONDS must be zero or more and below the {self.max_audio_seconds:g} s maximum, "
+                f"not {self.min_audio_seconds:g}."
+            )
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -53,6 +75,7 @@ class Limits:
             max_image_bytes=int(_env_float("MMDEMO_MAX_IMAGE_MB", cls.max_image_bytes / mb) * mb),
             max_audio_bytes=int(_env_float("MMDEMO_MAX_AUDIO_MB", cls.max_audio_bytes / mb) * mb),
             max_audio_seconds=_env_float("MMDEMO_MAX_AUDIO_SECONDS", cls.max_audio_seconds),
+            min_audio_seconds=_env_float("MMDEMO_MIN_AUDIO_SECONDS", cls.min_audio_seconds),
         )
 
 
@@ -63,8 +86,11 @@ class Settings:
     device: str | None = None
     dtype: str | None = None
     limits: Limits = field(default_factory=Limits)
+    max_queued_jobs: int = 3  # per user, waiting or running: one user cannot fill the GPU queue for everyone
 
     def __post_init__(self) -> None:
+        if self.max_queued_jobs < 1:
+            raise InputError(f"MMDEMO_MAX_QUEUED_JOBS must be 1 or more, not {self.max_queued_jobs}.")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise InputError(f"MMDEMO_DTYPE must be one of {', '.join(_DTYPES)}, not {self.dtype!r}.")
         if self.device is not None and self.device.split(":")[0] not in ("cuda", "mps", "cpu"):
@@ -83,6 +109,7 @@ class Settings:
             device=os.environ.get("MMDEMO_DEVICE") or None,
             dtype=os.environ.get("MMDEMO_DTYPE") or None,
             limits=Limits.from_env(),
+            max_queued_jobs=_env_int("MMDEMO_MAX_QUEUED_JOBS", cls.max_queued_jobs),
         )
 
     # Folders under MMDEMO_HOME; created on first use, never at import.
@@ -106,3 +133,53 @@ class Settings:
 def get_settings() -> Settings:
     """Settings as the environment says now (cheap; read again so tests can change the environment)."""
     return Settings.from_env()
+
+
+# ------------------------------------------------------------------------------------------- data folder
+DATA_FOLDER = "The data folder (MMDEMO_HOME)"
+
+# errno -> (why it cannot be written, what to do); the sentence never names the path: web users see it
+_WRITABLE = "point MMDEMO_HOME at a writable folder"
+_SPACE = "free some space or point MMDEMO_HOME at another disk"
+_FOLDER_PROBLEMS = {
+    errno.EROFS: ("read-only file system", _WRITABLE),
+    errno.ENOSPC: ("no space left on the device", _SPACE),
+    errno.EDQUOT: ("disk quota exceeded", _SPACE),
+    errno.EACCES: ("permission denied", _WRITABLE),
+    errno.EPERM: ("permission denied", _WRITABLE),
+    errno.EEXIST: ("a file of the same name is in the way", "remove that file or " + _WRITABLE),
+    errno.ENOTDIR: ("a file is in the way of the folder", "remove that file or " + _WRITABLE),
+}
+
+
+def folder_problem(err: OSError, what: str = DATA_FOLDER) -> str | None:
+    """The sentence for an OSError that means ``what`` cannot be written (full, read-only, ...), else ``None``."""
+    problem = _FOLDER_PROBLEMS.get(err.errno or 0)
+    if problem is None:
+        return None
+    why, fix = problem
+    return f"{what} cannot be written ({why}); {fix}."
+
+
+def ensure_writable(path: Path, what: str = DATA_FOLDER) -> str | None:
+    """Create ``path`` if needed and write and delete a small probe file in it.
+
+    Returns ``None`` when that works, else one sentence saying what is wrong and what to do (no path in it).
+    A probe, not a permission check: root ignores permission bits, and a full disk or a read-only mount
+    only shows when something is written.
+    """
+    path = Path(path)
+    probe = path / f".mmdemo-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"mmdemo write probe\n" * 64)  # ~1 KB: a full disk refuses it
+    except OSError as err:
+        # strerror, not str(err): str() carries the path
+        why = (err.strerror or type(err).__name__).lower()
+        return folder_problem(err, what) or f"{what} cannot be written ({why}); {_WRITABLE}."
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass  # the probe was never written, or the folder went away: nothing to clean up
+    return None

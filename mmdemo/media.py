@@ -2,12 +2,15 @@
 
 Images come out as RGB ``PIL.Image`` with EXIF orientation applied; audio as mono float32 NumPy at the
 sample rate the model wants. Limits (bytes, pixels, seconds) are checked before full decoding where the
-header allows it, so a decompression bomb or a two-hour recording costs nothing.
+header allows it, so a decompression bomb or a two-hour recording costs nothing. Audio cut short (an upload
+or copy that stopped early) is refused: libsndfile quietly reports only the samples a WAV still holds, so
+its header's data size is compared with the bytes that are there, and every decode with the count promised.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,11 @@ ImageSource = str | Path | bytes | Image.Image
 
 def _mb(n: float) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
+
+
+def _seconds(x: float) -> str:
+    """2.0, 0.25, 0.0003: one decimal, or one significant digit for the tiny durations of a cut-off file."""
+    return f"{x:.1f}" if x >= 0.1 else f"{x:.1g}"
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -157,6 +165,9 @@ def audio_info(path: str | Path, limits: Limits | None = None) -> AudioInfo:
             raise InputError(f"{path.name} is a text file, not audio; upload a WAV, FLAC, OGG or MP3 file.") from None
         raise InputError(f"{path.name} is corrupt or not really {path.suffix} audio; export it again.") from None
     result = AudioInfo(sample_rate=int(info.samplerate), frames=int(info.frames), channels=int(info.channels))
+    promised = _wav_promised_seconds(path)
+    if promised is not None and result.sample_rate > 0:
+        raise _cut_short(path.name, promised, result.duration)
     if result.frames <= 0 or result.sample_rate <= 0:
         raise InputError(f"{path.name} contains no audio samples; upload a recording that is not empty.")
     if result.duration > limits.max_audio_seconds:
@@ -164,7 +175,66 @@ def audio_info(path: str | Path, limits: Limits | None = None) -> AudioInfo:
             f"{path.name} lasts {result.duration:.0f} s, over the {limits.max_audio_seconds:.0f} s limit; "
             f"trim it and try again."
         )
+    _check_min_duration(path.name, result.duration, limits)
     return result
+
+
+def _cut_short(label: str, promised: float, held: float) -> InputError:
+    holds = f"{_seconds(held)} s" if held > 0 else "no samples"
+    return InputError(f"{label} is cut short: its header promises {_seconds(promised)} s but it holds {holds}; "
+                      f"export it again.")
+
+
+def _check_min_duration(label: str, seconds: float, limits: Limits) -> None:
+    if seconds < limits.min_audio_seconds:
+        raise LimitError(
+            f"{label} lasts only {_seconds(seconds)} s, shorter than the {limits.min_audio_seconds:g} s minimum; "
+            f"use a longer clip."
+        )
+
+
+_STREAMING_SIZES = (0, 0xFFFFFFFF)  # writers that cannot seek back (a pipe) leave these as the data size
+
+
+def _wav_promised_seconds(path: Path) -> float | None:
+    """For a WAV whose data chunk is shorter than its header says, the duration the header promises; else None.
+
+    Walks the RIFF chunks up to ``data`` (RIFX big-endian and RF64's 64-bit sizes included). Not a WAV, a
+    header it cannot follow, or a streaming placeholder size: None, and the decoder's own checks apply.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX", b"RF64") or head[8:12] != b"WAVE":
+            return None
+        order = ">" if head[:4] == b"RIFX" else "<"
+        byte_rate = block_align = 0
+        rf64_size: int | None = None
+        for _ in range(64):  # fmt, fact, LIST, bext, JUNK ... come before the data
+            chunk = fh.read(8)
+            if len(chunk) < 8:
+                return None
+            cid, (size,) = chunk[:4], struct.unpack(order + "I", chunk[4:])
+            start = fh.tell()
+            if cid == b"ds64":
+                body = fh.read(16)
+                if len(body) == 16:
+                    rf64_size = struct.unpack("<Q", body[8:16])[0]
+            elif cid == b"fmt ":
+                body = fh.read(14)
+                if len(body) == 14:
+                    byte_rate, block_align = struct.unpack(order + "IH", body[8:14])
+            elif cid == b"data":
+                if head[:4] == b"RF64" and size == 0xFFFFFFFF and rf64_size is not None:
+                    size = rf64_size
+                elif size in _STREAMING_SIZES:
+                    return None
+                held = path.stat().st_size - start
+                # less than one whole frame missing is a writer's rounding, not a cut
+                if byte_rate <= 0 or size - held < max(block_align, 1):
+                    return None
+                return size / byte_rate
+            fh.seek(start + size + (size & 1))  # chunks are padded to an even length
+    return None
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -196,6 +266,7 @@ def prepare_audio(samples: np.ndarray, sample_rate: int, target_sr: int, label: 
         raise InputError(f"{label} contains no audio samples; record or upload again.")
     if mono.size / sample_rate > limits.max_audio_seconds:
         raise LimitError(f"{label} is longer than the {limits.max_audio_seconds:.0f} s limit; trim it.")
+    _check_min_duration(label, mono.size / sample_rate, limits)
     if not np.isfinite(mono).all():
         raise InputError(f"{label} contains invalid (NaN or infinite) samples; export it again.")
     return resample(mono, sample_rate, target_sr)
@@ -213,6 +284,10 @@ def load_audio(path: str | Path, target_sr: int, limits: Limits | None = None) -
         raise InputError(f"{path.name} is truncated or corrupt and cannot be decoded ({err}); export it again.") from None
     if data.shape[0] == 0:
         raise InputError(f"{path.name} contains no audio samples; upload a recording that is not empty.")
+    # A cut MP3 or FLAC decodes without error but short of the count its header gave. Slack of one MP3
+    # frame (1152 samples) or 1%: frame-based decoders may end a little before an estimated count.
+    if info.frames - data.shape[0] > max(1152, info.frames // 100):
+        raise _cut_short(path.name, info.duration, data.shape[0] / info.sample_rate)
     return prepare_audio(data, int(sr or info.sample_rate), target_sr, label=path.name, limits=limits)
 
 

@@ -5,7 +5,9 @@ No test touches the network: HF_HUB_OFFLINE is set for the whole session.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +164,55 @@ def make_sounds_dataset(root: Path, per_class: int = 4, seconds: float = 1.0, st
         writer.writeheader()
         writer.writerows(rows)
     return root
+
+
+# ------------------------------------------------------------------------------------- the app, served in-process
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(tiny_models: dict[str, str], home: Path, max_batch_size: int = 16):
+    """The app on the tiny checkpoints on a free port, with ``MMDEMO_HOME`` = ``home``; yields its URL."""
+    from mmdemo.ui import app as ui_app
+    from mmdemo.ui.context import UIContext
+
+    old = os.environ.get("MMDEMO_HOME")
+    os.environ["MMDEMO_HOME"] = str(home)
+    demo = ui_app.build_app(UIContext(checkpoints=tiny_models, tiny=True, max_batch_size=max_batch_size),
+                            warm_up=False)
+    demo.queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, quiet=True, **ui_app.launch_kwargs(port))
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+        if old is None:
+            os.environ.pop("MMDEMO_HOME", None)
+        else:
+            os.environ["MMDEMO_HOME"] = old
+
+
+LORA_MODEL_CLASS = {"caption": "BlipForConditionalGeneration", "vqa": "BlipForQuestionAnswering",
+                    "retrieval": "ClapModel"}
+
+
+def make_lora(checkpoint: str, task: str, folder: Path, owner: str | None = None, seed: int = 0,
+              published: bool = False) -> Path:
+    """A random (non-zero) LoRA for a tiny checkpoint, saved as the Fine-tune tab saves adapters."""
+    import json
+
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = getattr(transformers, LORA_MODEL_CLASS[task]).from_pretrained(checkpoint)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["query", "value"],
+                                           init_lora_weights=False))
+    peft.save_pretrained(folder)
+    (folder / "mmdemo.json").write_text(json.dumps({"task": task, "owner": owner, "published": published}))
+    return folder

@@ -3,49 +3,26 @@ DESIGN.md, the shapes of its results, errors as sentences, and batching of concu
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 
 import pytest
 
-from conftest import ROOT, make_image, make_shapes_dataset
+from conftest import ROOT, make_image, make_shapes_dataset, serve_app
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 API_NAMES = {"caption", "vqa", "search_audio", "classify_audio", "similar_audio", "finetune_submit", "job_status",
              "job_cancel"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ALICE, BOB = "alice-browser-0001", "bob-browser-0002"  # two visitors' browser ids
 
 
 @pytest.fixture(scope="module")
 def served(tiny_models, tmp_path_factory):
     """The app on a free port with an isolated MMDEMO_HOME; yields a connected Client."""
-    from mmdemo.ui import app as ui_app
-    from mmdemo.ui.context import UIContext
-
-    old = os.environ.get("MMDEMO_HOME")
-    os.environ["MMDEMO_HOME"] = str(tmp_path_factory.mktemp("api-home"))
-    ctx = UIContext(checkpoints=tiny_models, tiny=True, max_batch_size=16)
-    demo = ui_app.build_app(ctx, warm_up=False)
-    demo.queue(default_concurrency_limit=1)
-    port = _free_port()
-    demo.launch(prevent_thread_lock=True, quiet=True, **ui_app.launch_kwargs(port))
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        demo.close()
-        if old is None:
-            os.environ.pop("MMDEMO_HOME", None)
-        else:
-            os.environ["MMDEMO_HOME"] = old
+    with serve_app(tiny_models, tmp_path_factory.mktemp("api-home")) as url:
+        yield Client(url, verbose=False)
 
 
 def test_every_design_api_name_is_exposed(served):
@@ -55,7 +32,7 @@ def test_every_design_api_name_is_exposed(served):
 
 def test_caption_returns_one_row_per_image(served, tmp_path):
     images = [make_image(tmp_path / f"{c}.png", c) for c in ("red", "green", "blue")]
-    table = served.predict([handle_file(str(p)) for p in images], "", 2, 8, "base", api_name="/caption")
+    table = served.predict([handle_file(str(p)) for p in images], "", 2, 8, "base", ALICE, api_name="/caption")
     assert table["headers"] == ["image", "caption"]
     assert [row[0] for row in table["data"]] == ["red.png", "green.png", "blue.png"]
     assert all(isinstance(row[1], str) and row[1] for row in table["data"])
@@ -63,14 +40,15 @@ def test_caption_returns_one_row_per_image(served, tmp_path):
 
 def test_vqa_returns_one_answer_per_question(served, tmp_path):
     img = make_image(tmp_path / "q.png")
-    table = served.predict(handle_file(str(img)), "what color?\nhow many shapes?", 1, 5, "base", api_name="/vqa")
+    table = served.predict(handle_file(str(img)), "what color?\nhow many shapes?", 1, 5, "base", None,
+                           api_name="/vqa")
     assert table["headers"] == ["question", "answer"]
     assert [row[0] for row in table["data"]] == ["what color?", "how many shapes?"]
     assert all(row[1] for row in table["data"])
 
 
 def test_search_audio_ranks_library_clips(served):
-    table, plot = served.predict("a high beep", 4, "base", api_name="/search_audio")
+    table, plot = served.predict("a high beep", 4, "base", ALICE, api_name="/search_audio")
     assert table["headers"] == ["rank", "clip", "score"] and [r[0] for r in table["data"]] == [1, 2, 3, 4]
     scores = [r[2] for r in table["data"]]
     assert scores == sorted(scores, reverse=True) and all(r[1].endswith(".wav") for r in table["data"])
@@ -79,10 +57,10 @@ def test_search_audio_ranks_library_clips(served):
 
 def test_classify_and_similar_audio(served):
     clip = handle_file(str(ROOT / "assets" / "sounds" / "beep.wav"))
-    table, plot = served.predict(clip, "beep, rain, siren", 2, "base", api_name="/classify_audio")
+    table, plot = served.predict(clip, "beep, rain, siren", 2, "base", ALICE, api_name="/classify_audio")
     assert table["headers"] == ["rank", "label", "score"] and len(table["data"]) == 2
     assert {r[1] for r in table["data"]} <= {"beep", "rain", "siren"} and len(plot["data"]) == 2
-    similar = served.predict(clip, 3, "base", api_name="/similar_audio")
+    similar = served.predict(clip, 3, "base", None, api_name="/similar_audio")
     assert similar["headers"] == ["rank", "clip", "score"] and len(similar["data"]) == 3
     assert similar["data"][0][1] == "beep.wav" and similar["data"][0][2] == pytest.approx(1.0, abs=1e-3)
 
@@ -91,11 +69,11 @@ def test_project_errors_reach_the_client_as_their_sentence(served, tmp_path):
     fake = tmp_path / "fake.png"
     fake.write_text("hello, I am text")
     with pytest.raises(Exception, match="is a text file, not an image"):
-        served.predict([handle_file(str(fake))], "", 2, 8, "base", api_name="/caption")
+        served.predict([handle_file(str(fake))], "", 2, 8, "base", ALICE, api_name="/caption")
     with pytest.raises(Exception, match="Type some text to search for"):
-        served.predict("   ", 3, "base", api_name="/search_audio")
+        served.predict("   ", 3, "base", ALICE, api_name="/search_audio")
     with pytest.raises(Exception, match="There is no adapter called 'missing'"):
-        served.predict("a high beep", 3, "missing", api_name="/search_audio")
+        served.predict("a high beep", 3, "missing", ALICE, api_name="/search_audio")
 
 
 def test_concurrent_caption_requests_share_forward_passes(served, tmp_path, monkeypatch):
@@ -114,7 +92,7 @@ def test_concurrent_caption_requests_share_forward_passes(served, tmp_path, monk
     monkeypatch.setattr(BlipForConditionalGeneration, "generate", counting_generate)
     images = [make_image(tmp_path / f"u{i}.png", ("red", "green", "blue", "black")[i % 4],
                          ("circle", "square", "triangle")[i % 3]) for i in range(16)]
-    jobs = [served.submit([handle_file(str(p))], "", 2, 8, "base", api_name="/caption") for p in images]
+    jobs = [served.submit([handle_file(str(p))], "", 2, 8, "base", ALICE, api_name="/caption") for p in images]
     results = [job.result(timeout=120) for job in jobs]
     assert all(len(r["data"]) == 1 and r["data"][0][1] for r in results)
     assert [r["data"][0][0] for r in results] == [p.name for p in images]  # each user gets their own caption

@@ -198,3 +198,103 @@ def test_finetune_tab_trains_an_adapter_that_the_caption_tab_uses(page, tmp_path
     out = page.locator("#caption-output")
     expect(out).to_contain_text("red_circle.png")
     _assert_filled(out, ["Captions", "image", "caption", "red_circle.png"])
+
+
+def _see(page, sentence: str) -> None:
+    """The sentence is visible in the page (Gradio shows a handler's gr.Error as a toast)."""
+    expect(page.get_by_text(sentence, exact=False).first).to_be_visible(timeout=30_000)
+
+
+def _close_toasts(page) -> None:
+    for close in page.locator(".toast-close").all():
+        if close.is_visible():
+            close.click()
+
+
+def test_caption_errors_are_shown_and_keep_the_results(page, tmp_path):
+    _open_tab(page, "Caption")
+    files = page.locator("#caption-files input[type=file]")
+    out = page.locator("#caption-output")
+    files.set_input_files(str(ASSETS / "images" / "red_circle.png"))
+    page.locator("#caption-run").click()
+    expect(out).to_contain_text("red_circle.png")
+    before = out.inner_text()
+
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("this is a text file, not an image")
+    cases = [(str(empty), "empty.png is empty"), (str(text), "notes.png is a text file, not an image"),
+             (None, "Upload at least one image to caption.")]
+    for upload, sentence in cases:
+        _close_toasts(page)
+        page.locator("#caption-files button[aria-label='Clear']").first.click()  # the field keeps adding files
+        if upload is not None:
+            files.set_input_files(upload)
+        page.locator("#caption-run").click()
+        _see(page, sentence)
+        assert out.inner_text() == before  # the captions already on screen stay
+    _close_toasts(page)
+    files.set_input_files(str(ASSETS / "images" / "red_circle.png"))
+    page.locator("#caption-prompt textarea, #caption-prompt input").first.fill("red " * 3000)
+    page.locator("#caption-run").click()
+    _see(page, "The prefix is 11,999 characters long")
+    page.locator("#caption-prompt textarea, #caption-prompt input").first.fill("")
+    _close_toasts(page)
+
+
+def test_vqa_errors_are_shown(page, tmp_path):
+    _open_tab(page, "Visual QA")
+    questions = page.locator("#vqa-questions textarea")
+    questions.fill("what color is it?")
+    clear = page.locator("#vqa-image button[aria-label='Clear']")
+    if clear.count():  # the image of the earlier test
+        clear.first.click()
+    page.locator("#vqa-run").click()
+    _see(page, "Upload an image to ask about.")
+    _close_toasts(page)
+    page.locator("#vqa-image input[type=file]").set_input_files(str(ASSETS / "images" / "shapes.png"))
+    questions.fill("   ")
+    page.locator("#vqa-run").click()
+    _see(page, "Ask at least one question about the image.")
+    _close_toasts(page)
+    questions.fill("what " * 80)
+    page.locator("#vqa-run").click()
+    _see(page, "A question is 82 tokens long")
+    _close_toasts(page)
+
+
+def test_audio_errors_are_shown_and_keep_the_results(page):
+    _open_tab(page, "Audio search")
+    page.get_by_role("tab", name="Search by text").click()
+    query = page.locator("#audio-query textarea, #audio-query input").first
+    query.fill("a siren")
+    page.locator("#audio-search").click()
+    results = page.locator("#audio-results")
+    expect(results).to_contain_text(".wav")
+    before = results.inner_text()
+    query.fill("   ")
+    page.locator("#audio-search").click()
+    _see(page, "Type some text to search for")
+    assert results.inner_text() == before
+    _close_toasts(page)
+
+    page.get_by_role("tab", name="Search by sound").click()
+    page.locator("#audio-sound input[type=file]").set_input_files(str(ASSETS / "sounds" / "siren.wav"))
+    page.locator("#audio-match").click()
+    labels_out = page.locator("#audio-labels-out")
+    expect(labels_out).to_contain_text(re.compile(r"beep|siren|rain|bird|whistle|drum|hum|speech|bell|chord"))
+    expect(page.locator("#audio-similar")).to_contain_text("siren.wav")
+    page.wait_for_timeout(500)
+    before = labels_out.inner_text()
+    page.locator("#audio-labels textarea").fill(" , ")
+    page.locator("#audio-match").click()
+    _see(page, "Write at least one label to rank")
+    page.wait_for_timeout(500)
+    assert labels_out.inner_text() == before  # no red "Error" badge instead of the labels
+    _close_toasts(page)
+    page.locator("#audio-labels textarea").fill(", ".join(f"label{i}" for i in range(60)))
+    page.locator("#audio-match").click()
+    _see(page, "60 labels were given; rank at most 50 at a time.")
+    _close_toasts(page)
+    page.locator("#audio-labels textarea").fill("beep, rain")

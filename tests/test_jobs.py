@@ -15,7 +15,7 @@ from conftest import ROOT, make_shapes_dataset
 from mmdemo import jobs
 from mmdemo.errors import InputError, JobError
 from mmdemo.jobs.dispatcher import Dispatcher
-from mmdemo.jobs.queue import get_queue, pid_alive
+from mmdemo.jobs.queue import Job, checkpoint_step, get_queue, pid_alive
 from mmdemo.jobs.worker import failure_sentence
 from mmdemo.models.loading import ADAPTER_META
 
@@ -70,8 +70,131 @@ def test_failures_read_as_causes_with_a_fix():
     class OutOfMemoryError(RuntimeError):
         pass
 
-    assert "smaller batch size" in failure_sentence(OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    oom = OutOfMemoryError("CUDA out of memory. Tried to allocate")
+    assert "smaller batch size" in failure_sentence(oom)
     assert failure_sentence(InputError("x.png is corrupt.")) == "x.png is corrupt."
+    quick = failure_sentence(oom, preset="quick", batch_size=8)
+    assert quick == ("The GPU ran out of memory; close other jobs on this GPU and submit again with a batch size "
+                     "smaller than 8.")
+    assert "Quick preset" in failure_sentence(oom, preset="thorough", batch_size=8)
+    assert "Quick" not in failure_sentence(MemoryError(), preset="quick", batch_size=4)
+    assert "more memory" in failure_sentence(oom, preset="quick", batch_size=1)
+
+
+def test_submit_refuses_a_fourth_waiting_job_of_one_user(home, data, tiny_models, monkeypatch):
+    kw = dict(model=tiny_models["caption"], **FAST)
+    first = [jobs.submit("caption", data, owner="alice", **kw) for _ in range(3)]
+    get_queue().claim(1)  # one of them running: still counts
+    with pytest.raises(JobError) as exc:
+        jobs.submit("caption", data, owner="alice", **kw)
+    assert str(exc.value) == ("You already have 3 jobs waiting or running; wait for one to finish or cancel one, "
+                              "then submit again.")
+    assert len(jobs.list_jobs("alice")) == 3 and len(list((home / "runs").iterdir())) == 3  # nothing left behind
+    assert jobs.submit("caption", data, owner="bob", **kw).state == "queued"  # the limit is per user
+    jobs.cancel(first[-1].id, "alice")
+    assert jobs.submit("caption", data, owner="alice", **kw).state == "queued"
+
+    monkeypatch.setenv("MMDEMO_MAX_QUEUED_JOBS", "1")
+    with pytest.raises(JobError, match="^You already have 1 job waiting or running;"):
+        jobs.submit("caption", data, owner="bob", **kw)
+    monkeypatch.setenv("MMDEMO_MAX_QUEUED_JOBS", "0")
+    with pytest.raises(InputError, match="MMDEMO_MAX_QUEUED_JOBS must be 1 or more"):
+        jobs.submit("caption", data, owner="carol", **kw)
+
+
+def test_the_job_limit_is_counted_in_the_same_transaction_as_the_insert(home):
+    """Two submits racing past the early check: the queue itself refuses the one over the limit."""
+    queue = get_queue()
+    queue.add(_job("j1", "alice"), limit=2)
+    queue.add(_job("j2", "alice"), limit=2)
+    with pytest.raises(JobError, match="You already have 2 jobs"):
+        queue.add(_job("j3", "alice"), limit=2)
+    assert [j.id for j in queue.list("alice")] == ["j2", "j1"]
+
+
+# ------------------------------------------------------------------- a worker that dies without an outcome
+def _job(job_id, owner="alice", preset="quick", batch_size=8):
+    return Job(id=job_id, owner=owner, task="caption", model=None, preset=preset,
+               config={"preset": preset, "batch_size": batch_size}, data="unused", name=f"caption-{job_id}",
+               state="queued", created=time.time())
+
+
+class _DeadWorker:
+    """Stands in for the worker's Popen: it has already exited with ``code``."""
+
+    def __init__(self, code):
+        self.code = code
+        self.pid = 999_999
+
+    def poll(self):
+        return self.code
+
+
+def _checkpoint(queue, job_id, step):
+    folder = queue.run_dir(job_id) / "work" / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
+
+
+def _die(dispatcher, job_id, code):
+    """Claim the job as the dispatcher would, and have its worker die with ``code``."""
+    claimed = dispatcher.queue.claim(1)
+    assert claimed.id == job_id
+    dispatcher.children[job_id] = _DeadWorker(code)
+    dispatcher.reap()
+    assert job_id not in dispatcher.children
+    return dispatcher.queue.get(job_id)
+
+
+@pytest.mark.parametrize("preset", ["quick", "thorough"])
+def test_a_killed_worker_is_retried_then_failed_with_a_sentence_that_fits_the_job(home, preset):
+    queue = get_queue()
+    dispatcher = Dispatcher(queue, slots=1)
+    queue.add(_job("j1", preset=preset))
+    job = _die(dispatcher, "j1", -signal.SIGKILL)  # no checkpoint yet
+    assert job.state == "queued" and job.attempts == 1
+    assert job.note == ("The training process was killed, most likely because the machine ran out of memory; it "
+                        "goes back to the queue for attempt 2 of 3, starting from the beginning, as no checkpoint "
+                        "was saved yet.")
+    _checkpoint(queue, "j1", 20)
+    _checkpoint(queue, "j1", 40)
+    job = _die(dispatcher, "j1", 137)  # the same kill seen through a shell
+    assert job.state == "queued"
+    assert "attempt 3 of 3, resuming from the checkpoint of step 40." in job.note
+    assert job.note in [e["message"] for e in queue.events("j1")]
+    job = _die(dispatcher, "j1", -signal.SIGKILL)
+    assert job.state == "failed" and job.attempts == 3
+    if preset == "quick":
+        assert job.error == ("The training process was killed, most likely because the machine ran out of memory, "
+                             "and after 3 tries the job was stopped; submit it again with a batch size smaller "
+                             "than 8.")
+    else:
+        assert job.error.endswith("submit it again with a batch size smaller than 8 or the Quick preset.")
+    assert [e for e in queue.events("j1")][-1]["phase"] == "failed"
+
+
+def test_a_crashed_worker_is_retried_and_a_cancel_still_wins(home):
+    queue = get_queue()
+    dispatcher = Dispatcher(queue, slots=1)
+    queue.add(_job("j1"))
+    job = _die(dispatcher, "j1", -signal.SIGSEGV)
+    assert job.state == "queued" and job.note.startswith("The training process stopped unexpectedly (signal SIGSEGV);")
+    job = _die(dispatcher, "j1", 1)
+    assert job.state == "queued" and "(exit code 1)" in job.note
+    job = _die(dispatcher, "j1", 1)
+    assert job.state == "failed" and "read the job's log" in job.error and "Quick" not in job.error
+
+    queue.add(_job("j2"))
+    queue.claim(1)
+    queue.cancel("j2")  # asked while the worker was dying (its pid is unknown here, so no signal is sent)
+    dispatcher.children["j2"] = _DeadWorker(-signal.SIGKILL)
+    dispatcher.reap()
+    assert queue.get("j2").state == "cancelled"
+    queue.add(_job("j3"))
+    queue.claim(1)
+    queue.cancel("j3")
+    queue.requeue("j3", "The app stopped while this job ran")  # recovery after a restart: the cancel wins too
+    assert queue.get("j3").state == "cancelled"
 
 
 @pytest.mark.slow
@@ -103,6 +226,37 @@ def test_worker_runs_a_job_and_cancel_stops_a_running_one(home, data, tiny_model
         assert job.state == "cancelled" and time.monotonic() - t0 < 10
         _wait(lambda: not pid_alive(pid), timeout=10)
         assert not (home / "adapters" / job.name).exists()
+    finally:
+        dispatcher.stop(kill_workers=True)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_after_a_checkpoint_resumes_from_it_and_succeeds(home, data, tiny_models, monkeypatch):
+    """The kernel's OOM killer in miniature: SIGKILL to the worker alone, the app's dispatcher lives on."""
+    import re
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    queue = get_queue()
+    job = jobs.submit("caption", data, owner="alice", model=tiny_models["caption"], min_steps=150, save_steps=20,
+                      **FAST)
+    dispatcher = Dispatcher(queue, slots=1, poll=0.2).start()
+    try:
+        running = _wait(lambda: (checkpoint_step(queue.run_dir(job.id)) or 0) >= 20 and queue.get(job.id),
+                        timeout=180)
+        os.killpg(running.pid, signal.SIGKILL)
+        _wait(lambda: not pid_alive(running.pid), timeout=10)
+        done = jobs.wait(job.id, timeout=240)
+        assert done.state == "succeeded", (done.error, queue.log_tail(job.id))
+        assert done.attempts == 2 and done.pid is None
+        messages = [e.get("message", "") for e in jobs.events(job.id)]
+        note = next(m for m in messages if m.startswith("The training process was killed"))
+        step = int(re.search(r"attempt 2 of 3, resuming from the checkpoint of step (\d+)\.$", note).group(1))
+        assert step >= 20 and done.note == note
+        assert f"Attempt 2 of 3: the previous run was interrupted; resuming from the checkpoint of step {step}." \
+            in messages
+        assert any(m.startswith(f"Resuming from the checkpoint at step {step} of 150") for m in messages)
+        assert done.result["resumed_from_step"] == step
+        assert (home / "adapters" / done.name / "adapter_model.safetensors").is_file()
     finally:
         dispatcher.stop(kill_workers=True)
 

@@ -138,3 +138,88 @@ def test_microphone_int16_is_scaled_and_resampled():
     assert out.dtype == np.float32 and abs(len(out) - 48000) <= 1 and 0.9 < np.abs(out).max() < 1.2  # int16 full scale -> about 1.0 (resampler ringing at the edges)
     with pytest.raises(InputError, match="no audio"):
         prepare_audio(np.zeros(0, np.int16), 16000, 48000)
+
+
+def _cut_wav(path, seconds: float = 2.0, keep_samples: int = 4, sr: int = 16000):
+    """A real 16-bit WAV whose header promises ``seconds`` but whose bytes stop after ``keep_samples``."""
+    import soundfile as sf
+
+    sf.write(path, (0.3 * np.sin(np.arange(int(sr * seconds)) / 10)).astype(np.float32), sr, subtype="PCM_16")
+    data = path.read_bytes()
+    header = len(data) - int(sr * seconds) * 2  # 16-bit mono: 2 bytes a sample after the header
+    path.write_bytes(data[: header + 2 * keep_samples])
+    return path
+
+
+def test_truncated_wav_is_refused_naming_the_file(tmp_path):
+    import soundfile as sf
+
+    path = _cut_wav(tmp_path / "x.wav")
+    assert sf.info(str(path)).frames == 4  # libsndfile itself only counts what is there: it does not notice
+    with pytest.raises(InputError) as exc:
+        load_audio(path, 48000)
+    assert _sentence(exc.value) == ("x.wav is cut short: its header promises 2.0 s but it holds 0.0003 s; "
+                                    "export it again.")
+    half = _cut_wav(tmp_path / "half.wav", keep_samples=16000)
+    with pytest.raises(InputError, match=r"half.wav is cut short: its header promises 2.0 s but it holds 1.0 s"):
+        load_audio(half, 48000)
+
+
+def test_truncated_mp3_is_refused(tmp_path):
+    """Formats without a byte count: decoding stops short of the frames the header announced."""
+    import soundfile as sf
+
+    sr = 16000
+    sf.write(tmp_path / "full.mp3", (0.1 * np.random.default_rng(0).standard_normal(2 * sr)).astype(np.float32),
+             sr, format="MP3")
+    data = (tmp_path / "full.mp3").read_bytes()
+    (tmp_path / "cut.mp3").write_bytes(data[: len(data) // 2])
+    assert load_audio(tmp_path / "full.mp3", sr).size == 2 * sr
+    with pytest.raises(InputError, match=r"cut.mp3 is cut short: its header promises 2.0 s"):
+        load_audio(tmp_path / "cut.mp3", sr)
+
+
+def test_wav_with_a_streaming_placeholder_size_still_loads(tmp_path):
+    """A WAV written to a pipe has 0xFFFFFFFF as its data size: not a cut file."""
+    path = make_tone(tmp_path / "piped.wav", seconds=0.5)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data") + 4
+    data[at:at + 4] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    assert abs(len(load_audio(path, 16000)) - 8000) <= 1
+
+
+def test_too_short_clips_are_refused_with_the_minimum(tmp_path, monkeypatch):
+    short = make_tone(tmp_path / "blip.wav", seconds=0.05)
+    with pytest.raises(LimitError) as exc:
+        load_audio(short, 48000)
+    assert _sentence(exc.value) == "blip.wav lasts only 0.05 s, shorter than the 0.1 s minimum; use a longer clip."
+    with pytest.raises(LimitError, match="shorter than the 0.01 s minimum"):
+        prepare_audio(np.ones(80, np.float32), 16000, 48000, label="the recording", limits=Limits(min_audio_seconds=0.01))
+    assert load_audio(short, 48000, Limits(min_audio_seconds=0.01)).size == 2400
+    monkeypatch.setenv("MMDEMO_MIN_AUDIO_SECONDS", "0.02")
+    assert Limits.from_env().min_audio_seconds == 0.02
+    monkeypatch.setenv("MMDEMO_MIN_AUDIO_SECONDS", "-1")
+    with pytest.raises(InputError, match="MMDEMO_MIN_AUDIO_SECONDS must be zero or more"):
+        Limits.from_env()
+
+
+def test_a_normal_clip_still_loads(tmp_path):
+    out = load_audio(make_tone(tmp_path / "ok.wav", seconds=1.0), 48000)
+    assert out.dtype == np.float32 and abs(len(out) - 48000) <= 1
+
+
+def test_audio_library_reports_cut_and_short_clips_as_failed(tiny_models, tmp_path):
+    """The Audio search library goes through the same loader: bad clips are listed by name, good ones kept."""
+    from mmdemo.models.retrieval import AudioIndex, embedder
+
+    emb = embedder(tiny_models["retrieval"])
+    good = make_tone(tmp_path / "good.wav")
+    cut = _cut_wav(tmp_path / "x.wav")
+    short = make_tone(tmp_path / "blip.wav", seconds=0.05)
+    index = AudioIndex.open_or_create(tmp_path / "idx", emb.checkpoint, dim=32)
+    report = index.add_files([good, cut, short], emb)
+    assert [c.name for c in report.added] == ["good.wav"]
+    failed = {p.rsplit("/", 1)[1]: sentence for p, sentence in report.failed}
+    assert set(failed) == {"x.wav", "blip.wav"}
+    assert failed["x.wav"].startswith("x.wav is cut short") and "0.1 s minimum" in failed["blip.wav"]

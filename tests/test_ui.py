@@ -9,7 +9,7 @@ import gradio as gr
 import pytest
 
 from conftest import make_image, make_tone
-from mmdemo.errors import InputError
+from mmdemo.errors import InputError, MMDemoError
 from mmdemo.ui import app as ui_app
 from mmdemo.ui import audio, caption, common, vqa
 from mmdemo.ui.context import UIContext
@@ -29,9 +29,13 @@ def test_user_errors_turns_project_errors_into_gr_error():
         bad()
 
 
+A, B = "aaaaaaaa-browser", "bbbbbbbb-browser"  # two visitors' browser ids
+
+
 def test_adapter_choices_lists_the_visitors_adapters_of_the_task(home):
-    adapters = (("shapes-v1", "caption", "anon:a", False), ("vqa-v1", "vqa", "anon:a", False),
-                ("theirs", "caption", "anon:b", False), ("shared", "caption", "anon:b", True), ("broken", None, "", False))
+    adapters = (("shapes-v1", "caption", f"anon:{A}", False), ("vqa-v1", "vqa", f"anon:{A}", False),
+                ("theirs", "caption", f"anon:{B}", False), ("shared", "caption", f"anon:{B}", True),
+                ("operators", "caption", None, False), ("broken", None, "", False))
     for i, (name, task, owner, published) in enumerate(adapters):
         folder = home / "adapters" / name
         folder.mkdir(parents=True)
@@ -39,20 +43,53 @@ def test_adapter_choices_lists_the_visitors_adapters_of_the_task(home):
             (folder / "adapter_config.json").write_text("{}")
             (folder / "mmdemo.json").write_text(json.dumps({"task": task, "owner": owner, "published": published,
                                                             "created": i}))
-    assert common.adapter_choices("caption", "anon:a") == ["base", "shared", "shapes-v1"]
-    assert common.adapter_choices("vqa", "anon:a") == ["base", "vqa-v1"]
-    assert common.adapter_choices("caption", "anon:b") == ["base", "shared", "theirs"]
-    assert common.adapter_choices("caption", None) == ["base"]
-    update = common.refresh_adapters("caption", "theirs", "a")  # another user's adapter is not offered
-    assert update["choices"] == ["base", "shared", "shapes-v1"] and update["value"] == "base"
-    assert common.adapter_path("caption", "base") is None
-    assert common.adapter_path("caption", "shapes-v1").endswith("shapes-v1")
+    assert common.adapter_choices("caption", f"anon:{A}") == ["base", "operators", "shared", "shapes-v1"]
+    assert common.adapter_choices("vqa", f"anon:{A}") == ["base", "vqa-v1"]
+    assert common.adapter_choices("caption", f"anon:{B}") == ["base", "operators", "shared", "theirs"]
+    assert common.adapter_choices("caption", None) == ["base", "operators", "shared"]  # no id: public ones only
+    update = common.refresh_adapters("caption", "theirs", A)  # another user's adapter is not offered
+    assert update["choices"] == ["base", "operators", "shared", "shapes-v1"] and update["value"] == "base"
+    assert common.adapter_path("caption", "base", f"anon:{A}") is None
+    assert common.adapter_path("caption", "shapes-v1", f"anon:{A}").endswith("shapes-v1")
+    assert common.adapter_path("caption", "shared", None).endswith("shared")  # published: anyone may use it
+    # the one resolver refuses another user's private adapter exactly like a missing one
+    for owner in (f"anon:{B}", None):
+        with pytest.raises(MMDemoError, match="There is no adapter called 'shapes-v1' of yours"):
+            common.adapter_path("caption", "shapes-v1", owner)
+    with pytest.raises(MMDemoError, match="There is no adapter called 'missing' of yours"):
+        common.adapter_path("caption", "missing", f"anon:{A}")
     with pytest.raises(InputError, match="trained for vqa"):
-        common.adapter_path("caption", "vqa-v1")
-    with pytest.raises(InputError, match="no adapter called"):
-        common.adapter_path("caption", "missing")
-    with pytest.raises(InputError, match="not an adapter name"):
-        common.adapter_path("caption", "../etc")
+        common.adapter_path("caption", "vqa-v1", f"anon:{A}")
+    for bad in ("../etc", "/etc/passwd", ".hidden", "x" * 500):
+        with pytest.raises(InputError, match="not an adapter name"):
+            common.adapter_path("caption", bad, f"anon:{A}")
+
+
+def test_browser_ids_are_checked_the_same_way_everywhere():
+    assert common.owner_of(A) == f"anon:{A}" and common.owner_of(f"  {A} ") == f"anon:{A}"
+    for blank in (None, "", " ", "\t\n"):
+        with pytest.raises(InputError, match="no session id yet"):
+            common.owner_of(blank)
+        assert common.optional_owner(blank) is None  # the model tabs work without one (base, published)
+    for bad in ("short", "has space inside it", "x" * 129, "semi;colon-1234", {"id": A}):
+        with pytest.raises(InputError, match="not valid"):
+            common.owner_of(bad)
+
+    class Profile:
+        username = "alice"
+
+    assert common.owner_of(None, Profile()) == "hf:alice" and common.optional_owner(" ", Profile()) == "hf:alice"
+    assert common.new_browser_id(A) == A and common.new_browser_id(" ") != " "
+    assert common.BROWSER_ID.fullmatch(common.new_browser_id(None))
+
+
+def test_browser_secret_is_made_once_and_kept_private(tmp_path):
+    import stat
+
+    first = common.browser_secret(tmp_path / "home")
+    assert first and common.browser_secret(tmp_path / "home") == first  # the same after a restart
+    mode = (tmp_path / "home" / common.SECRET_FILE).stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
 
 
 def test_generation_options_are_checked():
@@ -73,6 +110,52 @@ def test_caption_batch_groups_requests_and_isolates_bad_ones(tmp_path, tiny_mode
     assert len(rows[2]) == 1 and rows[2][0][1]
     with pytest.raises(InputError, match="text file"):  # alone, a bad request raises (shown as gr.Error)
         caption.caption_batch([[str(bad)]], [""], [3], [8], ["base"], checkpoint=tiny_models["caption"])
+
+
+def test_one_users_oversized_request_fails_only_itself(tmp_path, tiny_models, home):
+    """A 20,000-character prefix (or a 100-token answer on a 64-position model) batched with five normal
+    requests: the five get captions, the bad one its sentence."""
+    images = [make_image(tmp_path / f"{c}.png", c) for c in ("red", "green", "blue", "black", "yellow", "purple")]
+    prompts = ["", "", "a picture of", "", "", "red " * 5000]
+    (rows,) = caption.caption_batch([[str(p)] for p in images], prompts, [3] * 6, [8] * 6, ["base"] * 6,
+                                    checkpoint=tiny_models["caption"])
+    assert all(len(r) == 1 and r[0][0].endswith(".png") and not r[0][1].startswith("⚠️") for r in rows[:5])
+    assert "prefix is 19,999 characters long" in rows[5][0][1]  # stripped of its trailing space
+    (rows,) = caption.caption_batch([[str(images[0])], [str(images[1])]], ["", "red " * 70], [3, 3], [8, 100],
+                                    ["base", "base"], checkpoint=tiny_models["caption"])
+    assert not rows[0][0][1].startswith("⚠️") and "tokens" in rows[1][0][1]
+    with pytest.raises(InputError, match="Max new tokens can be at most 63"):  # the slider's maximum, alone
+        caption.caption_batch([[str(images[0])]], [""], [3], [100], ["base"], checkpoint=tiny_models["caption"])
+
+    long_question = "what " * 80
+    (rows,) = vqa.vqa_batch([str(images[0])] * 3, ["what color?", long_question, "what shape?"], [1] * 3, [5] * 3,
+                            ["base"] * 3, checkpoint=tiny_models["vqa"])
+    assert rows[0][0][0] == "what color?" and rows[2][0][0] == "what shape?"
+    assert "question is 82 tokens long" in rows[1][0][1]
+    with pytest.raises(InputError, match="at most 20"):
+        vqa.vqa_batch([str(images[0])], ["q?\n" * 21], [1], [5], ["base"], checkpoint=tiny_models["vqa"])
+
+
+def test_a_batch_the_model_fails_on_is_served_one_by_one(tmp_path, tiny_models, home, monkeypatch):
+    """If the shared forward pass still fails, each request is served alone: only the culprit fails."""
+    images = [make_image(tmp_path / f"{c}.png", c) for c in ("red", "green", "blue")]
+    real = caption.caption_model.caption
+    calls = []
+
+    def fragile(paths, *args, **kwargs):
+        calls.append(len(paths))
+        if any("green" in str(p) for p in paths):
+            raise RuntimeError("index out of range in self")
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(caption.caption_model, "caption", fragile)
+    (rows,) = caption.caption_batch([[str(p)] for p in images], [""] * 3, [3] * 3, [8] * 3, ["base"] * 3,
+                                    checkpoint=tiny_models["caption"])
+    assert calls == [3, 1, 1, 1]  # one batched call, then one call per request
+    assert not rows[0][0][1].startswith("⚠️") and not rows[2][0][1].startswith("⚠️")
+    assert rows[1][0][1].startswith("⚠️ The model could not caption this request (RuntimeError)")
+    with pytest.raises(MMDemoError, match="could not caption this request"):
+        caption.caption_batch([[str(images[1])]], [""], [3], [8], ["base"], checkpoint=tiny_models["caption"])
 
 
 def test_vqa_batch_answers_every_question(tmp_path, tiny_models, home):
@@ -128,7 +211,7 @@ def _retrieval_adapter(checkpoint: str, home, name: str, seed: int) -> str:
     peft = get_peft_model(ClapModel.from_pretrained(checkpoint),
                           LoraConfig(r=4, lora_alpha=64, target_modules=["query", "value"], init_lora_weights=False))
     peft.save_pretrained(folder)
-    (folder / "mmdemo.json").write_text(json.dumps({"task": "retrieval", "owner": "anon:a"}))
+    (folder / "mmdemo.json").write_text(json.dumps({"task": "retrieval", "owner": f"anon:{A}"}))
     return name
 
 
@@ -137,7 +220,7 @@ def test_audio_search_with_a_retrieval_adapter(tmp_path, tiny_models, home, monk
 
     ck = tiny_models["retrieval"]
     name = _retrieval_adapter(ck, home, "clap-lora", seed=7)
-    assert common.adapter_choices("retrieval", "anon:a") == ["base", name]
+    assert common.adapter_choices("retrieval", f"anon:{A}") == ["base", name]
     n = len(audio.bundled_clips())
     tone = make_tone(tmp_path / "up" / "tone.wav", 660.0)
     audio.add_clips([str(tone)], checkpoint=ck)  # joins the base library before the adapter's is made
@@ -151,7 +234,7 @@ def test_audio_search_with_a_retrieval_adapter(tmp_path, tiny_models, home, monk
         return waveforms(self, clips)
 
     monkeypatch.setattr(Embedder, "waveforms", counting)
-    rows, plot, paths = audio.search_audio("a high beep", n + 1, name, checkpoint=ck)
+    rows, plot, paths = audio.search_audio("a high beep", n + 1, name, A, checkpoint=ck)
     assert sum(embedded) == n + 1  # the adapter's library was filled from the base library, once
     assert sorted(paths) == sorted(base_paths) and len(paths) == n + 1  # the same clips...
     base_scores = {r[1]: r[2] for r in base_rows}
@@ -163,21 +246,27 @@ def test_audio_search_with_a_retrieval_adapter(tmp_path, tiny_models, home, monk
 
     embedded.clear()
     audio._INDEXES.clear()  # as after a restart: the adapter's library is read back from disk
-    again, _, _ = audio.search_audio("a high beep", n + 1, name, checkpoint=ck)
+    again, _, _ = audio.search_audio("a high beep", n + 1, name, A, checkpoint=ck)
     assert embedded == [] and again == rows
 
     later = make_tone(tmp_path / "up" / "later.wav", 330.0, kind="square")
     audio.add_clips([str(later)], checkpoint=ck)
     embedded.clear()
-    similar, similar_paths = audio.similar_audio(str(later), 1, name, checkpoint=ck)
+    similar, similar_paths = audio.similar_audio(str(later), 1, name, A, checkpoint=ck)
     assert embedded == [1, 1]  # the new clip topped up the adapter's library, then the query itself
     assert similar[0][1] == "later.wav" and similar[0][2] == pytest.approx(1.0, abs=1e-3)
     base_labels, _ = audio.classify_audio(str(tone), "beep, rain, siren", 3, "base", checkpoint=ck)
-    labels, _ = audio.classify_audio(str(tone), "beep, rain, siren", 3, name, checkpoint=ck)
+    labels, _ = audio.classify_audio(str(tone), "beep, rain, siren", 3, name, A, checkpoint=ck)
     assert {r[1] for r in labels} == {"beep", "rain", "siren"}
     assert {r[1]: r[2] for r in labels} != {r[1]: r[2] for r in base_labels}
-    with pytest.raises(InputError, match="no adapter called"):
-        audio.search_audio("a high beep", 3, "missing", checkpoint=ck)
+    with pytest.raises(MMDemoError, match="no adapter called"):
+        audio.search_audio("a high beep", 3, "missing", A, checkpoint=ck)
+    with pytest.raises(MMDemoError, match="no adapter called"):  # B may not use A's adapter, in any endpoint
+        audio.search_audio("a high beep", 3, name, B, checkpoint=ck)
+    with pytest.raises(MMDemoError, match="no adapter called"):
+        audio.similar_audio(str(later), 3, name, B, checkpoint=ck)
+    with pytest.raises(MMDemoError, match="no adapter called"):
+        audio.classify_audio(str(later), "beep", 3, name, None, checkpoint=ck)
 
 
 def test_build_app_registers_the_design_api_names(tiny_models):

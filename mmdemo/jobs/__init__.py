@@ -19,15 +19,27 @@ Modules: ``queue`` (JobQueue interface + SQLite backend), ``dispatcher`` (worker
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from pathlib import Path
 
+from mmdemo.config import ensure_writable, folder_problem, get_settings
 from mmdemo.data import DatasetReport, Problem, inspect_dataset, load_dataset
-from mmdemo.errors import InputError
+from mmdemo.errors import InputError, JobError
 from mmdemo.jobs.adapters import list_adapters, publish_adapter, zip_adapter
 from mmdemo.jobs.dispatcher import Dispatcher, start_dispatcher
-from mmdemo.jobs.queue import FINAL, STATES, Job, JobQueue, SQLiteQueue, clean_owner, get_queue, new_job_id
+from mmdemo.jobs.queue import (
+    FINAL,
+    STATES,
+    Job,
+    JobQueue,
+    SQLiteQueue,
+    clean_owner,
+    get_queue,
+    new_job_id,
+    too_many_jobs,
+)
 from mmdemo.jobs.train import PRESETS, JobCancelled, Progress, TrainConfig, finetune
 from mmdemo.models.registry import get_task
 
@@ -38,16 +50,22 @@ def submit(task: str, data: str | Path, owner: str, preset: str = "quick", model
 
     ``overrides`` are :class:`TrainConfig` fields (epochs, learning_rate, rank, alpha, batch_size, ...);
     ``None`` values keep the preset's. The dataset is copied into the job's run folder, so the upload can go.
+    Raises ``JobError`` when the owner already has ``MMDEMO_MAX_QUEUED_JOBS`` jobs waiting or running, or
+    when the data folder cannot be written.
     """
     get_task(task)
     owner = clean_owner(owner)
     config = TrainConfig.from_preset(preset, **overrides)
+    limit = get_settings().max_queued_jobs
     queue = queue or get_queue()
+    # before the dataset is copied and checked, so a refused user does not wait for that; add() counts again
+    if sum(j.state in ("queued", "running") for j in queue.list(owner)) >= limit:
+        raise JobError(too_many_jobs(limit))
     job_id = new_job_id()
     run_dir = queue.run_dir(job_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
     data = Path(data)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         if data.is_dir() and not data.is_symlink():
             shutil.copytree(data, run_dir / "upload", symlinks=True)
             source = run_dir / "upload"
@@ -55,6 +73,12 @@ def submit(task: str, data: str | Path, owner: str, preset: str = "quick", model
             source = data
         report = inspect_dataset(source, task, run_dir)
         report.raise_for_problems()
+    except OSError as err:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        problem = _write_problem(err, run_dir.parent)
+        if problem is None:
+            raise
+        raise JobError(problem) from err
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -62,7 +86,17 @@ def submit(task: str, data: str | Path, owner: str, preset: str = "quick", model
     job = Job(id=job_id, owner=owner, task=task, model=model, preset=config.preset,
               config={k: getattr(config, k) for k in config.__dataclass_fields__}, data=str(report.root), name=name,
               state="queued", created=time.time())
-    return queue.add(job)
+    return queue.add(job, limit=limit)
+
+
+def _write_problem(err: OSError, folder: Path) -> str | None:
+    """The sentence for an error that came from a full or read-only data folder, not from the upload itself.
+
+    Full and read-only can only be writes; anything else (shutil.Error has no errno) is told apart by a probe.
+    """
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return folder_problem(err)
+    return ensure_writable(folder)
 
 
 def list_jobs(owner: str | None, queue: JobQueue | None = None) -> list[Job]:

@@ -3,28 +3,56 @@
 It runs as a daemon thread in the app (:func:`start_dispatcher`) or in the foreground
 (``python -m mmdemo.jobs.dispatcher``). Every ``poll`` seconds it
 
-1. reaps its own workers; a worker that died without recording an outcome fails the job with the cause
-   (killed -> probably out of memory), or cancels it if a cancel was asked for;
+1. reaps its own workers; a worker that died without recording an outcome (killed, say for memory, or
+   crashed) sends the job back to the queue to resume from its last checkpoint, up to ``MAX_ATTEMPTS``;
+   then the job fails with the cause and a fix that fits it. A cancel asked for meanwhile wins;
 2. stops cancelled running jobs that are still alive (SIGTERM to the worker's process group, SIGKILL after
    a grace period), which frees the GPU;
 3. requeues running jobs whose worker is gone (the app or the machine was restarted): they resume from
    their last checkpoint; a worker that outlived the app (it runs in its own session) is left to finish;
 4. starts queued jobs while fewer than ``slots`` run (``MMDEMO_JOB_SLOTS``; default one per GPU, 1 on CPU).
+
+When a step fails (a full or read-only data folder, a database hiccup) the error is logged once, with its
+traceback, the loop backs off up to ``MAX_BACKOFF_SECONDS`` and says once when it works again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from mmdemo.jobs.queue import SQLiteQueue, _signal, get_queue, pid_alive
+from mmdemo.config import folder_problem
+from mmdemo.errors import JobError
+from mmdemo.jobs.queue import Job, SQLiteQueue, _signal, get_queue, pid_alive
+from mmdemo.jobs.worker import smaller_settings
+
+log = logging.getLogger(__name__)
 
 STALE_SECONDS = 30.0  # a worker that has not heartbeat for this long is gone
 KILL_GRACE_SECONDS = 3.0
+MAX_BACKOFF_SECONDS = 30.0  # between tries while every step fails (a full disk is not fixed in a second)
+KILLED_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)  # Popen's -9, or 137 through a shell
+
+
+def death_sentences(code: int, job: Job) -> tuple[str, str]:
+    """For a worker that exited with ``code`` without recording an outcome: (the cause, the failure sentence
+    once attempts are used up). The fix fits the job: a Quick job is not told to choose Quick."""
+    tries = f"after {job.attempts} tries the job was stopped"
+    if code in KILLED_CODES:
+        smaller = smaller_settings(job.preset, job.config.get("batch_size"))
+        fix = (f"submit it again with {smaller}" if smaller
+               else "use fewer or smaller examples, or a machine with more memory")
+        cause = "The training process was killed, most likely because the machine ran out of memory"
+        return cause, f"{cause}, and {tries}; {fix}."
+    how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit code {code}"
+    cause = f"The training process stopped unexpectedly ({how})"
+    return cause, f"{cause}, and {tries}; read the job's log for the cause before you submit it again."
 
 
 def default_slots() -> int:
@@ -61,29 +89,27 @@ class Dispatcher:
                 continue
             if job.pid is None and fresh:
                 continue  # claimed a moment ago; the worker has not registered yet
-            self.queue.requeue(job.id, "The app stopped while this job ran; it will resume from its last "
-                                       "checkpoint (or start again if none was saved).")
+            self.queue.requeue(job.id, "The app stopped while this job ran")
 
     def reap(self) -> None:
         for job_id, proc in list(self.children.items()):
             code = proc.poll()
             if code is None:
                 continue
+            self._worker_exited(job_id, code)  # if this raises, the child stays listed and is looked at again
             del self.children[job_id]
             self.cancel_seen.pop(job_id, None)
-            job = self.queue.get(job_id)
-            if job.state != "running":
-                continue  # the worker recorded its own outcome
-            if job.cancel_requested:
-                self.queue.finish(job_id, "cancelled")
-            elif code in (-9, 137):
-                self.queue.finish(job_id, "failed", error=(
-                    "The training process was killed, most likely because the machine ran out of memory; choose "
-                    "the Quick preset or a smaller batch size and submit again."))
-            else:
-                self.queue.finish(job_id, "failed", error=(
-                    f"The training process stopped unexpectedly (exit code {code}); the log shows why. "
-                    f"Submit the job again."))
+
+    def _worker_exited(self, job_id: str, code: int) -> None:
+        job = self.queue.get(job_id)
+        if job.state != "running":
+            return  # the worker recorded its own outcome
+        if job.cancel_requested:
+            self.queue.finish(job_id, "cancelled")
+            return
+        # died without an outcome (SIGKILL from the kernel's OOM killer, a crash): its checkpoints are intact
+        cause, error = death_sentences(code, job)
+        self.queue.requeue(job_id, cause, error=error)
 
     def enforce_cancels(self) -> None:
         now = time.monotonic()
@@ -99,19 +125,30 @@ class Dispatcher:
 
     def start_jobs(self) -> None:
         while (job := self.queue.claim(self.slots)) is not None:
-            run_dir = self.queue.run_dir(job.id)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-            env["MMDEMO_HOME"] = str(self.queue.home)
-            env.setdefault("TOKENIZERS_PARALLELISM", "false")
-            root = str(Path(__file__).resolve().parents[2])
-            env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-            with (run_dir / "log.txt").open("ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "mmdemo.jobs.worker", job.id], stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                        start_new_session=True, cwd=root)
+            try:
+                proc = self._spawn(job)
+            except OSError as err:
+                # no worker, so no attempt: the job waits in the queue until the folder can be written again
+                self.queue.release(job.id)
+                problem = folder_problem(err)
+                if problem is None:
+                    raise
+                raise JobError(problem) from err
             self.children[job.id] = proc
             self.queue.set_pid(job.id, proc.pid)
+
+    def _spawn(self, job: Job) -> subprocess.Popen:
+        run_dir = self.queue.run_dir(job.id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+        env["MMDEMO_HOME"] = str(self.queue.home)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        with (run_dir / "log.txt").open("ab") as log_file:
+            return subprocess.Popen([sys.executable, "-m", "mmdemo.jobs.worker", job.id], stdout=log_file,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True, cwd=root)
 
     def step(self) -> None:
         self.reap()
@@ -121,14 +158,26 @@ class Dispatcher:
 
     # ---------------------------------------------------------------------------------------------- running
     def run_forever(self) -> None:
+        failures = 0
+        logged: set[tuple[str, str]] = set()  # errors already logged since the last step that worked
         while not self._stop.is_set():
             try:
                 self.step()
-            except Exception:  # noqa: BLE001 - a database hiccup must not stop the dispatcher for good
-                import traceback
-
-                traceback.print_exc()
-            self._stop.wait(self.poll)
+            except Exception as err:  # noqa: BLE001 - a full disk or a database hiccup must not stop it for good
+                failures += 1
+                key = (type(err).__name__, str(err))
+                if key not in logged:  # the same error every poll would bury everything else in the log
+                    logged.add(key)
+                    log.error("The job dispatcher cannot run jobs: %s (retrying quietly, at most every %.0f s)",
+                              err, MAX_BACKOFF_SECONDS, exc_info=True)
+                delay = min(MAX_BACKOFF_SECONDS, self.poll * 2 ** min(failures, 16))
+            else:
+                if failures:
+                    # a warning, not info: it must reach the same place as the error above without log config
+                    log.warning("The job dispatcher works again after %d failed tries.", failures)
+                failures, delay = 0, self.poll
+                logged.clear()
+            self._stop.wait(delay)
 
     def start(self) -> Dispatcher:
         self.thread = threading.Thread(target=self.run_forever, name="mmdemo-dispatcher", daemon=True)
@@ -161,7 +210,12 @@ def start_dispatcher(home: str | Path | None = None, slots: int | None = None) -
 
 def main() -> int:
     """Run the dispatcher in the foreground until interrupted."""
-    dispatcher = Dispatcher(get_queue())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        dispatcher = Dispatcher(get_queue())
+    except JobError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     print(f"dispatcher: {dispatcher.queue.path}, {dispatcher.slots} slot(s)", file=sys.stderr, flush=True)
     try:
         dispatcher.run_forever()

@@ -6,12 +6,18 @@ database, a Hub-hosted queue) implements the same methods. SQLite runs in WAL mo
 and the worker processes read and write it concurrently; each call opens its own short transaction.
 
 States: queued -> running -> succeeded | failed | cancelled. A running job whose worker disappeared (app or
-machine restart) goes back to queued with ``attempts`` + 1 and resumes from its last checkpoint.
+machine restart, a worker killed for memory) goes back to queued and resumes from its last checkpoint; each
+claim counts an attempt, and after ``MAX_ATTEMPTS`` the job fails with the cause instead of looping.
+
+A data folder that cannot be written (read-only, full, a file in the way) raises :class:`JobError` with one
+sentence (no path: web users see it), both when the queue is opened and when a write fails.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -22,10 +28,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
-from mmdemo.config import get_settings
+from mmdemo.config import ensure_writable, folder_problem, get_settings
 from mmdemo.errors import InputError, JobError
+
+log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -90,7 +98,7 @@ class Job:
 class JobQueue(Protocol):
     """What the UI, the CLI and the dispatcher need from a queue backend."""
 
-    def add(self, job: Job) -> Job: ...
+    def add(self, job: Job, limit: int | None = None) -> Job: ...
     def list(self, owner: str | None = None) -> list[Job]: ...
     def get(self, job_id: str, owner: str | None = None) -> Job: ...
     def cancel(self, job_id: str, owner: str | None = None) -> Job: ...
@@ -102,7 +110,8 @@ class JobQueue(Protocol):
     def heartbeat(self, job_id: str) -> None: ...
     def progress(self, job_id: str, record: dict) -> None: ...
     def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None: ...
-    def requeue(self, job_id: str, note: str) -> None: ...
+    def requeue(self, job_id: str, cause: str, error: str | None = None) -> None: ...
+    def release(self, job_id: str) -> None: ...
     def run_dir(self, job_id: str) -> Path: ...
 
 
@@ -111,15 +120,21 @@ class SQLiteQueue:
 
     def __init__(self, home: str | Path):
         self.home = Path(home)
-        self.home.mkdir(parents=True, exist_ok=True)
         self.path = self.home / "jobs.sqlite3"
         self.runs = self.home / "runs"
+        problem = ensure_writable(self.home)
+        if problem is not None:
+            log.error("MMDEMO_HOME %s cannot be written: %s", self.home.absolute(), problem)
+            raise JobError(problem)
         with self._db() as db:
             db.executescript(_SCHEMA)
 
     @contextmanager
     def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except (sqlite3.Error, OSError) as err:
+            self._raise_storage_error(err)
         db.row_factory = sqlite3.Row
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -129,19 +144,53 @@ class SQLiteQueue:
             yield db
             if write:
                 db.execute("COMMIT")
-        except BaseException:
+        except BaseException as err:
             if write and db.in_transaction:
-                db.execute("ROLLBACK")
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # closing the connection below discards the transaction anyway; keep the first error
+            if isinstance(err, (sqlite3.Error, OSError)):
+                self._raise_storage_error(err)
             raise
         finally:
             db.close()
+
+    def _raise_storage_error(self, err: sqlite3.Error | OSError) -> NoReturn:
+        """Raise a full or read-only data folder as a ``JobError`` sentence; any other error as it is."""
+        if isinstance(err, OSError):
+            problem = folder_problem(err)
+        else:
+            text = str(err).lower()
+            if "database or disk is full" in text:
+                problem = folder_problem(OSError(errno.ENOSPC, "full"))
+            elif "readonly database" in text:
+                problem = folder_problem(OSError(errno.EROFS, "read-only"))
+            elif "unable to open database" in text or "disk i/o error" in text:
+                problem = ensure_writable(self.home)  # sqlite does not say why; a probe write does
+            else:
+                problem = None  # "database is locked" and the like: not the folder's fault
+        if problem is None:
+            raise err
+        # debug only: every poll of a page would repeat it; the dispatcher logs it once, with this as its cause
+        log.debug("job database %s: %s", self.path.absolute(), err)
+        raise JobError(problem) from err
 
     # ------------------------------------------------------------------------------------------ user side
     def run_dir(self, job_id: str) -> Path:
         return self.runs / job_id
 
-    def add(self, job: Job) -> Job:
+    def add(self, job: Job, limit: int | None = None) -> Job:
+        """Queue ``job``; with ``limit``, refuse it if its owner already has that many jobs queued or running.
+
+        The count and the insert share one transaction, so two quick submits cannot both slip under the limit.
+        """
         with self._db(write=True) as db:
+            if limit is not None:
+                active = db.execute("SELECT COUNT(*) FROM jobs WHERE owner=? AND state IN ('queued', 'running')",
+                                    (job.owner,)).fetchone()[0]
+                if active >= limit:
+                    raise JobError(too_many_jobs(limit))
             db.execute(
                 "INSERT INTO jobs (id, owner, task, model, preset, config, data, name, state, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
@@ -261,24 +310,43 @@ class SQLiteQueue:
         message = {"succeeded": "Finished.", "cancelled": "Cancelled.", "failed": error or "Failed."}[state]
         self.progress(job_id, {"phase": state, "message": message}, update_job=False)
 
-    def requeue(self, job_id: str, note: str) -> None:
-        """Put an interrupted running job back at the head of the queue (it keeps its creation time)."""
+    def requeue(self, job_id: str, cause: str, error: str | None = None) -> None:
+        """Put an interrupted running job back at the head of the queue (it keeps its creation time).
+
+        ``cause`` says what interrupted it ("The app stopped while this job ran"); the note adds which attempt
+        comes next and the checkpoint it resumes from. When ``MAX_ATTEMPTS`` are used up the job fails with
+        ``error`` (a sentence fitting the cause), and a cancel asked for meanwhile wins over both.
+        """
+        step = checkpoint_step(self.run_dir(job_id))
         with self._db(write=True) as db:
             row = db.execute("SELECT attempts, cancel_requested FROM jobs WHERE id=? AND state='running'",
                              (job_id,)).fetchone()
             if row is None:
                 return
+            attempts = row["attempts"]
             if row["cancel_requested"]:
                 db.execute("UPDATE jobs SET state='cancelled', finished=?, pid=NULL WHERE id=?", (time.time(), job_id))
-                note = "Cancelled."
-            elif row["attempts"] >= MAX_ATTEMPTS:
-                note = (f"The job was interrupted {row['attempts']} times, so it was stopped; submit it again, "
-                        f"with a smaller preset or batch size if the machine ran out of memory.")
-                db.execute("UPDATE jobs SET state='failed', finished=?, pid=NULL, error=? WHERE id=?",
+                phase, note = "cancelled", "Cancelled."
+            elif attempts >= MAX_ATTEMPTS:
+                phase = "failed"
+                note = error or (f"The job was interrupted {attempts} times, so it was stopped; "
+                                 f"submit it again, and report it if it happens again.")
+                db.execute("UPDATE jobs SET state='failed', finished=?, pid=NULL, eta=NULL, error=? WHERE id=?",
                            (time.time(), note, job_id))
             else:
-                db.execute("UPDATE jobs SET state='queued', pid=NULL, note=? WHERE id=?", (note, job_id))
-        self.progress(job_id, {"phase": "queued", "message": note}, update_job=False)
+                phase = "queued"
+                resume = (f"resuming from the checkpoint of step {step}" if step is not None
+                          else "starting from the beginning, as no checkpoint was saved yet")
+                note = (f"{cause.rstrip('.')}; it goes back to the queue for attempt {attempts + 1} of {MAX_ATTEMPTS}, "
+                        f"{resume}.")
+                db.execute("UPDATE jobs SET state='queued', pid=NULL, eta=NULL, note=? WHERE id=?", (note, job_id))
+        self.progress(job_id, {"phase": phase, "message": note}, update_job=False)
+
+    def release(self, job_id: str) -> None:
+        """Undo a claim whose worker could not even be started: back to queued, the attempt not counted."""
+        with self._db(write=True) as db:
+            db.execute("UPDATE jobs SET state='queued', attempts=MAX(attempts - 1, 0) "
+                       "WHERE id=? AND state='running' AND pid IS NULL", (job_id,))
 
     def running(self) -> list[Job]:
         with self._db() as db:
@@ -337,6 +405,26 @@ def get_queue(home: str | Path | None = None) -> SQLiteQueue:
         return _QUEUES[key]
 
 
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the newest complete checkpoint in a job's run folder (``work/checkpoints``), if any.
+
+    The same rule as training's resume (``trainer_state.json`` is written last), without its clean-up: this
+    only reads, so it is safe to call for a job whose worker may still be writing.
+    """
+    folder = Path(run_dir) / "work" / "checkpoints"
+    if not folder.is_dir():
+        return None
+    steps = [int(p.name.rsplit("-", 1)[-1]) for p in folder.glob("checkpoint-*")
+             if p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(steps, default=None)
+
+
+def too_many_jobs(limit: int) -> str:
+    jobs = "job" if limit == 1 else "jobs"
+    return (f"You already have {limit} {jobs} waiting or running; wait for one to finish or cancel one, "
+            f"then submit again.")
+
+
 def new_job_id() -> str:
     # 48 random bits: an adapter is named after its job, and the name is what an API call passes
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:12]
@@ -349,5 +437,5 @@ def clean_owner(owner: str | None) -> str:
     return owner
 
 
-__all__ = ["FINAL", "STATES", "Job", "JobQueue", "SQLiteQueue", "get_queue", "new_job_id", "pid_alive",
-           "clean_owner"]
+__all__ = ["FINAL", "MAX_ATTEMPTS", "STATES", "Job", "JobQueue", "SQLiteQueue", "checkpoint_step", "clean_owner",
+           "get_queue", "new_job_id", "pid_alive", "too_many_jobs"]

@@ -453,7 +453,7 @@ def finetune(
     after, after_samples = evaluate(task, loaded, report.test)  # the LoRA is active inside loaded.model
     progress(Progress("evaluating", 2, 2, message=f"With the adapter: {after}."))
 
-    progress(Progress("saving", 0, 1, message=f"Writing the adapter to {out}."))
+    progress(Progress("saving", 0, 1, message=f"Writing the adapter {Path(out).name}."))
     examples = [{**{k: v for k, v in b.items() if k != "output"}, "base": b["output"], "adapter": a["output"]}
                 for b, a in zip(before_samples, after_samples)]
     meta = {

@@ -2,8 +2,9 @@
 
 The worker runs :func:`mmdemo.jobs.train.finetune` (the same function as the CLI), writes each progress record
 to the queue, heartbeats every few seconds and records the outcome itself. A crash, an out-of-memory kill or
-a cancel never reaches the app process. Failures become causes with a fix (out of GPU memory -> a smaller
-preset or batch; bad data -> which file); the traceback goes to the job's log only.
+a cancel never reaches the app process. Failures become causes with a fix that fits the job (out of GPU
+memory -> a smaller batch, or the Quick preset unless the job already uses it; bad data -> which file; a full
+data folder -> free some space); the traceback goes to the job's log only.
 """
 
 from __future__ import annotations
@@ -14,29 +15,51 @@ import sys
 import threading
 import traceback
 
-from mmdemo.config import get_settings
+from mmdemo.config import folder_problem, get_settings
 from mmdemo.errors import MMDemoError
 
 HEARTBEAT_SECONDS = 2.0
 
 
-def failure_sentence(err: BaseException) -> str:
-    """The cause of a failed job, as a sentence saying what to do."""
+def smaller_settings(preset: str | None = None, batch_size: int | None = None) -> str | None:
+    """The settings that need less memory than the job's, as a phrase; ``None`` when it is already at the least.
+
+    Never suggests what the job already uses: a Quick job is not told to choose Quick.
+    """
+    options = []
+    if batch_size is None:
+        options.append("a smaller batch size")
+    elif batch_size > 1:
+        options.append(f"a batch size smaller than {batch_size}")
+    if (preset or "").lower() != "quick":
+        options.append("the Quick preset")
+    return " or ".join(options) or None
+
+
+def failure_sentence(err: BaseException, preset: str | None = None, batch_size: int | None = None) -> str:
+    """The cause of a failed job, as a sentence saying what to do; ``preset`` and ``batch_size`` are the job's."""
     text = str(err)
     if isinstance(err, MMDemoError):
         return text
+    smaller = smaller_settings(preset, batch_size)
     if "out of memory" in text.lower() or type(err).__name__ == "OutOfMemoryError":
-        return ("The GPU ran out of memory; choose the Quick preset or a smaller batch size (and close other jobs "
-                "on this GPU), then submit again.")
+        if smaller is None:
+            return ("The GPU ran out of memory even with batch size 1 and the Quick preset; use smaller images or "
+                    "shorter clips, or a GPU with more memory.")
+        return f"The GPU ran out of memory; close other jobs on this GPU and submit again with {smaller}."
     if isinstance(err, MemoryError):
-        return "The machine ran out of memory; choose a smaller batch size or fewer examples, then submit again."
+        if smaller is None:
+            return "The machine ran out of memory; submit again with fewer examples, or use a machine with more memory."
+        return f"The machine ran out of memory; submit again with {smaller} or fewer examples."
+    if isinstance(err, OSError) and (problem := folder_problem(err)) is not None:
+        return problem  # a full or read-only data folder: the fix is on the server, not in the job
     return (f"Training stopped with an unexpected error ({type(err).__name__}: {text[:200]}); the log shows where. "
             f"Submit again, and report it if it happens again.")
 
 
 def run_job(job_id: str, home: str | None = None) -> str:
     """Run one claimed job to its end; returns the final state."""
-    from mmdemo.jobs.queue import get_queue
+    from mmdemo.jobs.queue import MAX_ATTEMPTS, checkpoint_step, get_queue
     from mmdemo.jobs.train import JobCancelled, Progress, TrainConfig, finetune
 
     queue = get_queue(home)
@@ -58,9 +81,11 @@ def run_job(job_id: str, home: str | None = None) -> str:
         print(" ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
 
     if job.attempts > 1:
-        progress(Progress("validating", message=f"Attempt {job.attempts}: the previous run was interrupted; "
-                                                f"resuming from its last checkpoint if one was saved, "
-                                                f"else starting again."))
+        step = checkpoint_step(queue.run_dir(job_id))
+        resume = (f"resuming from the checkpoint of step {step}" if step is not None
+                  else "no checkpoint was saved, so training starts from the beginning")
+        progress(Progress("validating", message=f"Attempt {job.attempts} of {MAX_ATTEMPTS}: the previous run "
+                                                f"was interrupted; {resume}."))
     try:
         config = TrainConfig(**job.config)
         result = finetune(
@@ -76,7 +101,7 @@ def run_job(job_id: str, home: str | None = None) -> str:
             queue.finish(job_id, "cancelled")
             return "cancelled"
         traceback.print_exc()
-        queue.finish(job_id, "failed", error=failure_sentence(err))
+        queue.finish(job_id, "failed", error=failure_sentence(err, job.preset, job.config.get("batch_size")))
         return "failed"
     finally:
         stop.set()

@@ -6,9 +6,35 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmdemo.config import get_settings
+from mmdemo.errors import InputError
 from mmdemo.media import ImageSource, load_image
-from mmdemo.models.generation import CAPTION_DEFAULTS, GenerationOptions
+from mmdemo.models.generation import (
+    CAPTION_DEFAULTS,
+    GenerationOptions,
+    check_max_new_tokens,
+    count_tokens,
+    text_positions,
+)
 from mmdemo.models.loading import Loaded, load
+
+MAX_PREFIX_CHARS = 1_000  # refused before tokenizing; the token limit below is the real bound
+
+
+def check_prompt(loaded: Loaded, prompt: str | None, options: GenerationOptions = CAPTION_DEFAULTS) -> None:
+    """Refuse a prefix and ``max_new_tokens`` that together exceed the text decoder's positions.
+
+    Checked per request before requests are batched: one too-long prefix would fail the whole batch.
+    """
+    prompt = (prompt or "").strip()
+    if len(prompt) > MAX_PREFIX_CHARS:
+        raise InputError(f"The prefix is {len(prompt):,} characters long; keep it under {MAX_PREFIX_CHARS:,} "
+                         f"(a few words work best).")
+    used = count_tokens(loaded, prompt) if prompt else 1
+    limit = text_positions(loaded)
+    if used + options.min_new_tokens > limit:
+        raise InputError(f"The prefix is {used} tokens long, more than this model's limit of {limit} tokens "
+                         f"allows; shorten it to a few words.")
+    check_max_new_tokens(loaded, options, used)
 
 
 def caption(
@@ -25,6 +51,7 @@ def caption(
     if not pil_images:
         return []
     loaded = model if isinstance(model, Loaded) else load("caption", model)
+    check_prompt(loaded, prompt, options)
     prompt = (prompt or "").strip() or None
     captions: list[str] = []
     for start in range(0, len(pil_images), batch_size):

@@ -34,3 +34,40 @@ class GenerationOptions:
 CAPTION_DEFAULTS = GenerationOptions()
 # Answers are short: BLIP's VQA decoding uses a few beams and no minimum length.
 VQA_DEFAULTS = GenerationOptions(num_beams=3, max_new_tokens=10, min_new_tokens=1)
+
+
+def text_positions(loaded) -> int:
+    """How many text tokens (prompt plus generated) the loaded model's text side has positions for."""
+    config = loaded.model.config
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "max_position_embeddings", None) or 512)
+
+
+def count_tokens(loaded, text: str) -> int:
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    return len(tokenizer(text)["input_ids"])
+
+
+def check_max_new_tokens(loaded, options: GenerationOptions, used: int = 1) -> None:
+    """Refuse a ``max_new_tokens`` the model has no positions for (``used`` tokens come before the answer)."""
+    limit = text_positions(loaded)
+    if used + options.max_new_tokens > limit:
+        raise InputError(f"Max new tokens can be at most {max(1, limit - used)} with this model and input, not "
+                         f"{options.max_new_tokens}; lower it.")
+
+
+def max_text_tokens(loaded) -> int:
+    """The longest text the loaded model reads: its tokenizer's stated maximum, else its text positions."""
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    stated = getattr(tokenizer, "model_max_length", None)
+    return int(stated) if stated and stated < 1_000_000 else text_positions(loaded)
+
+
+def check_text(loaded, text: str, what: str, max_chars: int = 1_000) -> None:
+    """Refuse a text longer than the model reads (it would be cut silently, or fail a whole batch)."""
+    if len(text) > max_chars:
+        raise InputError(f"The {what} is {len(text):,} characters long; keep it under {max_chars:,}.")
+    limit = max_text_tokens(loaded)
+    n = count_tokens(loaded, text)
+    if n > limit:
+        raise InputError(f"The {what} is {n} tokens long; this model reads at most {limit}; shorten it.")

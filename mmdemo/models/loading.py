@@ -1,9 +1,14 @@
 """Loading checkpoints lazily, once per (task, checkpoint, device, dtype), and switching LoRA adapters.
 
 A checkpoint is a Hub id or a local folder in the Hugging Face layout; both go through the same
-``from_pretrained`` calls. Adapters are PEFT folders injected into the loaded base model with
-``PeftModel.from_pretrained`` / ``load_adapter`` and chosen per request with ``set_adapter``; a request
-without adapter runs under ``disable_adapter()``, so the base is never reloaded.
+``from_pretrained`` calls. Before a Hub id loads, :mod:`mmdemo.models.hub` says whether the Hub answers:
+if not, a cached copy loads with ``local_files_only`` (no retries) and an uncached one fails at once with
+a sentence saying what to do. A failed load is remembered for ``FAILURE_TTL`` seconds, so clicks after
+it get the same sentence at once instead of waiting for the Hub again.
+
+Adapters are PEFT folders injected into the loaded base model with ``PeftModel.from_pretrained`` /
+``load_adapter`` and chosen per request with ``set_adapter``; a request without adapter runs under
+``disable_adapter()``, so the base is never reloaded.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +27,7 @@ from typing import Any
 
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError, ModelLoadError
+from mmdemo.models import hub
 from mmdemo.models.registry import Architecture, get_architecture, get_task
 
 ADAPTER_META = "mmdemo.json"  # written next to adapter_config.json: task, base checkpoint, metrics
@@ -64,20 +71,45 @@ def _is_local(checkpoint: str) -> bool:
     return checkpoint.startswith((".", "/", "~")) or os.path.isdir(checkpoint) or checkpoint.count("/") > 1
 
 
-def _missing(task: str, checkpoint: str, why: str = "") -> ModelLoadError:
-    var = get_task(task).env_var
+def _missing(task: str, checkpoint: str, why: str = "", partly: bool = False) -> ModelLoadError:
+    """A checkpoint that is there but unusable (``why``), or a Hub id that is not (``partly``) cached nor reachable."""
+    spec = get_task(task)
+    why = " ".join(why.split())  # library errors span lines; the sentence is shown on one
+    # Sentences serve the app (--<task>-model) and the CLI (--model) alike, so they name both flags.
+    flags = f"{spec.env_var} (--{task}-model in app.py, --model in the CLI)"
     if _is_local(checkpoint):
         return ModelLoadError(
-            f"Checkpoint folder {checkpoint!r} {why or 'cannot be loaded'}; point {var} (or --model) at a folder "
-            f"with config.json and model weights."
+            f"Checkpoint folder {checkpoint!r} {why or 'cannot be loaded'}; point {flags} at a folder with "
+            f"config.json and model weights."
+        )
+    if why:
+        return ModelLoadError(
+            f"Checkpoint {checkpoint!r} {why}; check the Hub id, or point {flags} at a local folder."
         )
     return ModelLoadError(
-        f"Checkpoint {checkpoint!r} is not in the local Hugging Face cache and the Hub cannot be reached; "
-        f"run `python -m mmdemo download` where there is internet, or set {var} (or --model) to a local copy."
+        f"Checkpoint {checkpoint!r} is {'only partly' if partly else 'not'} in the local Hugging Face cache and "
+        f"the Hub ({hub.endpoint()}) cannot be reached; run `python -m mmdemo download` where there is internet, "
+        f"point {flags} at a local folder, or start `python app.py --tiny-models` to try the app on tiny test "
+        f"models."
     )
 
 
-def read_config(task: str, checkpoint: str):
+def hub_options(task: str, checkpoint: str) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for ``checkpoint``; raises at once if it cannot load at all.
+
+    A local folder needs none. A Hub id loads as usual when the Hub answers (transformers checks for
+    updates and downloads what is missing); when it does not, a cached copy loads with
+    ``local_files_only`` so that no request is retried, and an uncached one raises the sentence.
+    """
+    if _is_local(checkpoint) or hub.reachable():
+        return {}
+    if hub.is_cached(checkpoint):
+        return {"local_files_only": True}
+    raise _missing(task, checkpoint)
+
+
+def read_config(task: str, checkpoint: str, **hub_kwargs: Any):
+    """The checkpoint's ``config.json``; ``hub_kwargs`` as returned by :func:`hub_options`."""
     from transformers import AutoConfig
 
     if _is_local(checkpoint):
@@ -88,10 +120,11 @@ def read_config(task: str, checkpoint: str):
             raise _missing(task, checkpoint, "has no config.json")
         checkpoint = str(folder)
     try:
-        return AutoConfig.from_pretrained(checkpoint)
+        with hub.quiet():
+            return AutoConfig.from_pretrained(checkpoint, **hub_kwargs)
     except (OSError, ValueError) as err:
-        if "offline" in str(err).lower() or "connect" in str(err).lower() or "cache" in str(err).lower():
-            raise _missing(task, checkpoint) from None
+        if hub_kwargs.get("local_files_only") or any(w in str(err).lower() for w in ("offline", "connect", "cache")):
+            raise _missing(task, checkpoint, partly=bool(hub_kwargs)) from None
         raise _missing(task, checkpoint, f"is not a valid checkpoint ({err})") from None
 
 
@@ -167,12 +200,52 @@ _CACHE: dict[tuple, Loaded] = {}
 _CACHE_LOCK = threading.Lock()
 _KEY_LOCKS: dict[tuple, threading.Lock] = {}
 
+FAILURE_TTL = hub.PROBE_TTL  # seconds a failed load is answered from memory, like the Hub probe it may come from
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: ModelLoadError
+    when: float  # time.monotonic()
+    hub_down: bool  # the Hub was unreachable then: a probe that finds it back makes a retry worth it
+
+
+_FAILED: dict[tuple[str, str], _Failure] = {}  # (task, checkpoint) -> its last failed load
+_FAILED_LOCK = threading.Lock()
+
+
+def recent_failure(task: str, checkpoint: str) -> ModelLoadError | None:
+    """The error of a load of ``checkpoint`` that failed less than ``FAILURE_TTL`` s ago, unless the Hub is back."""
+    key = (task, checkpoint)
+    with _FAILED_LOCK:
+        failure = _FAILED.get(key)
+        if failure is None:
+            return None
+        expired = time.monotonic() - failure.when > FAILURE_TTL
+        if expired or (failure.hub_down and hub.known_reachable()):
+            del _FAILED[key]
+            return None
+    # A new instance each time: re-raising one object would pile up its tracebacks.
+    return type(failure.error)(str(failure.error))
+
+
+def forget_failures() -> None:
+    """Let the next load of every failed checkpoint try again now (tests, or after fixing the cause)."""
+    with _FAILED_LOCK:
+        _FAILED.clear()
+
 
 def load(task: str, checkpoint: str | None = None, device: str | None = None, dtype: Any = None) -> Loaded:
-    """The loaded model for ``task``; loads it on first use and returns the same object afterwards."""
+    """The loaded model for ``task``; loads it on first use and returns the same object afterwards.
+
+    Raises :class:`ModelLoadError` at once, with the same sentence, while a recent load of the same
+    checkpoint failed (see ``FAILURE_TTL``).
+    """
     import torch
 
     checkpoint = resolve_checkpoint(task, checkpoint)
+    if (err := recent_failure(task, checkpoint)) is not None:
+        raise err
     device = pick_device(device)
     dtype = dtype if dtype is not None else pick_dtype(device)
     if isinstance(dtype, str):
@@ -186,7 +259,16 @@ def load(task: str, checkpoint: str | None = None, device: str | None = None, dt
         with _CACHE_LOCK:
             if key in _CACHE:
                 return _CACHE[key]
-        loaded = _load_uncached(task, checkpoint, device, dtype)
+        # Whoever held the lock before may just have failed (the warm-up thread, while a click waited).
+        if (err := recent_failure(task, checkpoint)) is not None:
+            raise err
+        try:
+            loaded = _load_uncached(task, checkpoint, device, dtype)
+        except ModelLoadError as err:
+            hub_down = not _is_local(checkpoint) and not hub.known_reachable()
+            with _FAILED_LOCK:
+                _FAILED[(task, checkpoint)] = _Failure(err, time.monotonic(), hub_down)
+            raise
         with _CACHE_LOCK:
             _CACHE[key] = loaded
         return loaded
@@ -195,15 +277,19 @@ def load(task: str, checkpoint: str | None = None, device: str | None = None, dt
 def _load_uncached(task: str, checkpoint: str, device: str, dtype: Any) -> Loaded:
     import transformers
 
-    config = read_config(task, checkpoint)
+    hub_kwargs = hub_options(task, checkpoint)
+    config = read_config(task, checkpoint, **hub_kwargs)
     arch = get_architecture(task, config.model_type, checkpoint)
     source = str(Path(checkpoint).expanduser()) if _is_local(checkpoint) else checkpoint
     model_cls = getattr(transformers, arch.model_class)
     processor_cls = getattr(transformers, arch.processor_class)
     try:
-        model = model_cls.from_pretrained(source, dtype=dtype)
-        processor = processor_cls.from_pretrained(source)
+        with hub.quiet():
+            model = model_cls.from_pretrained(source, dtype=dtype, **hub_kwargs)
+            processor = processor_cls.from_pretrained(source, **hub_kwargs)
     except OSError as err:
+        if hub_kwargs.get("local_files_only"):  # partly cached, and the Hub cannot fill in the rest
+            raise _missing(task, checkpoint, partly=True) from None
         raise _missing(task, checkpoint, f"is incomplete ({err})") from None
     model.to(device).eval()
     return Loaded(task=task, checkpoint=checkpoint, arch=arch, model=model, processor=processor,
@@ -216,7 +302,8 @@ def loaded_models() -> list[Loaded]:
 
 
 def clear_cache() -> None:
-    """Forget every loaded model (tests, or freeing memory before a training job in-process)."""
+    """Forget every loaded model and failed load (tests, or freeing memory before a training job in-process)."""
     with _CACHE_LOCK:
         _CACHE.clear()
         _KEY_LOCKS.clear()
+    forget_failures()

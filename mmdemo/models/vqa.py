@@ -15,7 +15,13 @@ from pathlib import Path
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError
 from mmdemo.media import ImageSource, load_image
-from mmdemo.models.generation import VQA_DEFAULTS, GenerationOptions
+from mmdemo.models.generation import (
+    VQA_DEFAULTS,
+    GenerationOptions,
+    check_max_new_tokens,
+    count_tokens,
+    text_positions,
+)
 from mmdemo.models.loading import Loaded, load
 
 MAX_QUESTION_CHARS = 500
@@ -29,6 +35,17 @@ def clean_questions(questions: Sequence[str]) -> list[str]:
         if len(q) > MAX_QUESTION_CHARS:
             raise InputError(f"A question is {len(q)} characters long; keep each under {MAX_QUESTION_CHARS}.")
     return cleaned
+
+
+def check_questions(loaded: Loaded, questions: Sequence[str], options: GenerationOptions = VQA_DEFAULTS) -> None:
+    """Refuse questions longer than the question encoder's positions, and a ``max_new_tokens`` the answer
+    decoder has no positions for; checked per request, before requests are batched together."""
+    limit = text_positions(loaded)
+    for q in clean_questions(questions):
+        n = count_tokens(loaded, q)
+        if n > limit:
+            raise InputError(f"A question is {n} tokens long; this model reads at most {limit}; shorten it.")
+    check_max_new_tokens(loaded, options)
 
 
 def answer(
@@ -62,6 +79,7 @@ def answer_pairs(
     if not pairs:
         return []
     loaded = model if isinstance(model, Loaded) else load("vqa", model)
+    check_questions(loaded, questions, options)
     processor, tokenizer = loaded.processor, loaded.processor.tokenizer
     # one row of pixel values per distinct image (the same object asked several questions)
     slot: dict[int, int] = {}

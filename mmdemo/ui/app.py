@@ -8,14 +8,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import sys
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import gradio as gr
 
-from mmdemo.config import get_settings
+from mmdemo.config import ensure_writable, get_settings
 from mmdemo.models.registry import TASKS
-from mmdemo.ui.common import STATUS, new_browser_id
+from mmdemo.ui.audio import library_clips_dir
+from mmdemo.ui.common import browser_secret, new_browser_id
 from mmdemo.ui.context import ASSETS, UIContext
+from mmdemo.ui.status import STATUS
 
 # One module per tab, in display order: each has TITLE and build(ctx), optionally warm_up(ctx).
 TABS: list[str] = [
@@ -28,7 +33,9 @@ TABS: list[str] = [
 TINY_BANNER = ("⚠️ **Tiny test models**: this app runs on tiny random-weight checkpoints "
                "(`--tiny-models`). Every caption, answer and score is meaningless; it only shows that the "
                "app works.")
-CSS = "#tiny-banner {background: #fff3cd; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px;}"
+DELETE_CACHE = (300, 900)  # seconds: how often Gradio's cache is swept, and the age of what it deletes
+CSS = "#home-banner {background: #f8d7da; border: 2px solid #dc3545; border-radius: 8px; padding: 4px 12px;} "\
+      "#tiny-banner {background: #fff3cd; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px;}"
 
 
 def tab_modules() -> list:
@@ -41,14 +48,24 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
     checkpoints = {task: ctx.checkpoint(task) for task in TASKS}
     ctx = replace(ctx, checkpoints=checkpoints)
     modules = tab_modules()
-    with gr.Blocks(title="mmdemo") as demo:
+    home = get_settings().home
+    home_problem = ensure_writable(home)
+    # Uploads and results Gradio copies to its cache are deleted after DELETE_CACHE[1] seconds (checked every
+    # DELETE_CACHE[0]): adapter download links are short-lived, and the cache does not fill the disk.
+    with gr.Blocks(title="mmdemo", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# mmdemo\nCaption images, ask questions about them and search sounds by text or by sound.")
         if ctx.tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
+        if home_problem:
+            gr.Markdown(f"⚠️ {home_problem} Captions and answers still work; fine-tuning, the audio library and "
+                        f"your adapters need it.", elem_id="home-banner")
         status = gr.Markdown(STATUS.markdown(checkpoints), elem_id="model-status")
         if os.environ.get("SPACE_ID"):
             gr.LoginButton()  # on a Space: jobs and adapters belong to the signed-in user
-        browser_id = gr.BrowserState(None, storage_key="mmdemo-owner")
+        # The anonymous id is stored with a key kept under MMDEMO_HOME, so the same browser is the same user
+        # after a restart or an upgrade (with no stable key, Gradio makes a new one at every start).
+        browser_id = gr.BrowserState(None, storage_key="mmdemo-owner", secret=None if home_problem else
+                                     browser_secret(home))
         identified = demo.load(new_browser_id, browser_id, browser_id, api_visibility="private", queue=False)
         for module in modules:
             with gr.Tab(module.TITLE, elem_id=f"tab-{module.__name__.rsplit('.', 1)[-1]}") as tab:
@@ -67,12 +84,16 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
 
 
 def launch_kwargs(port: int | None = None) -> dict:
-    """What ``launch`` needs: the port, and the folders whose files the app may serve (clips, examples)."""
-    home = get_settings().home
-    home.mkdir(parents=True, exist_ok=True)
+    """What ``launch`` needs: the port, and the only folders whose files anyone may fetch by path.
+
+    Those are the bundled assets and the shared audio library's clips (the page plays them). Nothing else
+    under ``MMDEMO_HOME`` is served: not the job database, logs, datasets, runs or adapters. Results a
+    handler returns (an adapter zip, a clip to play) are copied by Gradio to its own cache, under an
+    unguessable folder name, and deleted after ``DELETE_CACHE[1]`` seconds.
+    """
     return dict(
         server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        allowed_paths=[str(home.resolve()), str(ASSETS)],
+        allowed_paths=[str(ASSETS), str(library_clips_dir().resolve())],
         css=CSS,
         theme=gr.themes.Soft(),
     )
@@ -101,10 +122,15 @@ def configure(args: argparse.Namespace) -> UIContext:
     if args.home:
         os.environ["MMDEMO_HOME"] = args.home
     checkpoints: dict[str, str] = {}
+    home = get_settings().home
+    problem = ensure_writable(home)
+    if problem:  # said once here, in the page's banner, and by each action that needs the folder
+        print(f"mmdemo: {problem} (MMDEMO_HOME is {home.resolve()})", file=sys.stderr, flush=True)
     if args.tiny_models:
         from mmdemo.models.tiny import TINY_FOR_TASK, write_tiny_models
 
-        folders = write_tiny_models(get_settings().home / "tiny-models")
+        target = home / "tiny-models" if not problem else Path(tempfile.mkdtemp(prefix="mmdemo-tiny-"))
+        folders = write_tiny_models(target)
         checkpoints = {task: str(folders[name].resolve()) for task, name in TINY_FOR_TASK.items()}
     for task in TASKS:
         flag = getattr(args, f"{task}_model")

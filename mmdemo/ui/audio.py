@@ -13,6 +13,8 @@ use with the base clips it lacks (only those are embedded), so it persists acros
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import re
@@ -25,9 +27,10 @@ import gradio as gr
 import pandas as pd
 
 from mmdemo.archive import extract_zip
-from mmdemo.config import get_settings
+from mmdemo.config import folder_problem, get_settings
 from mmdemo.errors import InputError, MMDemoError
-from mmdemo.media import AUDIO_EXTENSIONS, file_sha256
+from mmdemo.media import AUDIO_EXTENSIONS, audio_info, file_sha256
+from mmdemo.models.generation import check_text
 from mmdemo.models.retrieval import (
     AudioIndex,
     Embedder,
@@ -42,14 +45,17 @@ from mmdemo.ui.common import (
     adapter_path,
     file_path,
     model_selector,
+    optional_owner,
     user_errors,
 )
-from mmdemo.ui.context import ASSETS, GPU_QUEUE, UIContext
+from mmdemo.ui.context import ASSETS, CHECK_CONCURRENCY, GPU_QUEUE, UIContext
 
 TITLE = "Audio search"
 TASK = "retrieval"
 PLAYERS = 5
 MAX_UPLOADS = 500
+MAX_LABELS = 50  # each label is one text-tower pass; 10,000 would hold the shared model for a minute
+MAX_TEXT_CHARS = 300  # a query or a label; the model's token limit is checked too
 DEFAULT_LABELS = "beep, siren, rain, bird, whistle, drum, hum, speech, bell, chord"
 RESULT_HEADERS = ["rank", "clip", "score"]
 LABEL_HEADERS = ["rank", "label", "score"]
@@ -95,6 +101,16 @@ def library(checkpoint: str, adapter: str | None = None) -> tuple[AudioIndex, Em
     The base library gets the bundled clips on first use. An adapter's library holds the same clips
     embedded with the adapter: the base clips whose content it lacks are embedded now, nothing else.
     """
+    try:
+        return _library(checkpoint, adapter)
+    except OSError as err:  # a read-only or full MMDEMO_HOME: one sentence, not a traceback
+        problem = folder_problem(err, "The audio library's folder (under MMDEMO_HOME)")
+        if problem is None:
+            raise
+        raise InputError(problem) from None
+
+
+def _library(checkpoint: str, adapter: str | None) -> tuple[AudioIndex, Embedder]:
     loaded = gpu.loaded(TASK, checkpoint)
     emb = Embedder(loaded)
     path = index_dir(emb.checkpoint)
@@ -131,12 +147,32 @@ def library_rows(checkpoint: str) -> list[list]:
     return [[c.name, round(c.duration, 2)] for c in reversed(index.clips)]  # newest first
 
 
+def library_clips_dir() -> Path:
+    """Where uploaded library clips are kept: the one folder under MMDEMO_HOME the web server serves."""
+    return get_settings().home / "library-clips"
+
+
 def _store(src: Path, store: Path) -> Path:
-    """Copy an upload into the library folder, in a folder named by its content hash (kept once)."""
+    """Copy an upload into the library folder, in a folder named by its content hash (kept once).
+
+    Written to a temporary name and renamed, so a full disk or a crash never leaves a partial clip that
+    a later upload of the same content would take for complete.
+    """
     target = store / file_sha256(src)[:16] / src.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        shutil.copyfile(src, target)
+    if target.exists():
+        return target
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, tmp)
+        tmp.replace(target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            target.parent.rmdir()  # only if empty: another clip of the same content may live there
+        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or type(err).__name__).lower()
+        raise InputError(f"{src.name} could not be stored in the library ({why}); free some space or ask the "
+                         f"app's owner to, then add it again.") from None
     return target
 
 
@@ -147,7 +183,7 @@ def add_clips(files, checkpoint: str | None = None) -> tuple[str, list[list]]:
     if not paths:
         raise InputError("Upload audio files (WAV, FLAC, OGG or MP3) or a zip of them to add.")
     checkpoint = checkpoint or gpu.loaded(TASK, None).checkpoint
-    store = get_settings().home / "library-clips"
+    store = library_clips_dir()
     problems: list[tuple[str, str]] = []
     candidates: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="mmdemo-upload-") as tmp:
@@ -171,7 +207,10 @@ def add_clips(files, checkpoint: str | None = None) -> tuple[str, list[list]]:
             raise InputError(f"{len(candidates)} clips were uploaded; add at most {MAX_UPLOADS} at a time.")
         original = {}
         for p in candidates:
-            original[str(_store(p, store))] = p.name
+            try:
+                original[str(_store(p, store))] = p.name
+            except InputError as err:
+                problems.append((p.name, str(err)))
         index, emb = library(checkpoint)
         report = index.add_files(list(original), emb)
     for path, why in report.failed:
@@ -205,45 +244,91 @@ def _checkpoint(checkpoint: str | None) -> str:
     return checkpoint or gpu.loaded(TASK, None).checkpoint
 
 
-@gpu.task(duration=120)  # the first search with an adapter embeds the library with it
-def search_audio(text: str, top_k=5, model: str | None = BASE, checkpoint: str | None = None):
-    """Text -> clips: a table of (rank, clip, score), a plot frame and the clips' paths (for the players).
-
-    ``model`` is ``"base"`` or the name of one of the user's retrieval adapters.
-    """
-    if not (text or "").strip():
+def _query_text(text: str | None, checkpoint: str | None) -> str:
+    text = (text or "").strip()
+    if not text:
         raise InputError("Type some text to search for, such as 'a high beep'.")
-    index, emb = library(_checkpoint(checkpoint), adapter_path(TASK, model))
-    rows, paths = _clip_rows(index.search_text(text, emb, _top_k(top_k)))
-    return rows, _plot(rows), paths
+    check_text(gpu.loaded(TASK, checkpoint), text, "search text", MAX_TEXT_CHARS)
+    return text
 
 
-def _query(audio, emb):
+def split_labels(labels: str | None, checkpoint: str | None) -> list[str]:
+    """The comma- or line-separated labels, each within the model's text limit, at most ``MAX_LABELS``."""
+    found = [lab.strip() for lab in re.split(r"[,\n]", labels or "") if lab.strip()]
+    if not found:
+        raise InputError("Write at least one label to rank, such as 'beep, rain, siren'.")
+    if len(found) > MAX_LABELS:
+        raise InputError(f"{len(found)} labels were given; rank at most {MAX_LABELS} at a time.")
+    loaded = gpu.loaded(TASK, checkpoint)
+    for label in found:
+        check_text(loaded, label, "label", MAX_TEXT_CHARS)
+    return list(dict.fromkeys(found))  # a label given twice is ranked once
+
+
+def _audio_path(audio) -> str:
     path = file_path(audio)
     if not path:
         raise InputError("Upload or record a sound to search with.")
-    return embed_query_audio(emb, path=path)
+    return path
+
+
+def check_search(text, top_k=5, model: str | None = BASE, browser_id=None, profile=None, *,
+                 checkpoint: str | None = None) -> None:
+    """The page's first step for a text search: a refused query shows its sentence, results stay."""
+    _query_text(text, checkpoint)
+    _top_k(top_k)
+    adapter_path(TASK, model, optional_owner(browser_id, profile))
+
+
+def check_sound(audio, labels, top_k=5, model: str | None = BASE, browser_id=None, profile=None, *,
+                checkpoint: str | None = None) -> None:
+    """The page's first step for a search by sound (labels and similar clips)."""
+    audio_info(_audio_path(audio), get_settings().limits)
+    split_labels(labels, checkpoint)
+    _top_k(top_k)
+    adapter_path(TASK, model, optional_owner(browser_id, profile))
+
+
+@gpu.task(duration=120)  # the first search with an adapter embeds the library with it
+def search_audio(text: str, top_k=5, model: str | None = BASE, browser_id=None, profile=None, *,
+                 checkpoint: str | None = None):
+    """Text -> clips: a table of (rank, clip, score), a plot frame and the clips' paths (for the players).
+
+    ``model`` is ``"base"`` or the name of a retrieval adapter the caller (``browser_id``/``profile``) may use.
+    """
+    text = _query_text(text, checkpoint)
+    k = _top_k(top_k)
+    index, emb = library(_checkpoint(checkpoint), adapter_path(TASK, model, optional_owner(browser_id, profile)))
+    rows, paths = _clip_rows(index.search_text(text, emb, k))
+    return rows, _plot(rows), paths
 
 
 @gpu.task(duration=60)
-def classify_audio(audio, labels: str, top_k=5, model: str | None = BASE, checkpoint: str | None = None):
+def classify_audio(audio, labels: str, top_k=5, model: str | None = BASE, browser_id=None, profile=None, *,
+                   checkpoint: str | None = None):
     """Sound -> labels: the best labels from the comma- or line-separated list, and a plot frame.
 
     The sound and the labels are both embedded by ``model`` (``"base"`` or a retrieval adapter's name);
     no library is needed.
     """
-    emb = Embedder(gpu.loaded(TASK, _checkpoint(checkpoint)), adapter=adapter_path(TASK, model))
-    candidates = [lab for lab in re.split(r"[,\n]", labels or "") if lab.strip()]
-    hits = rank_labels(_query(audio, emb), candidates, emb, _top_k(top_k))
+    path = _audio_path(audio)
+    candidates = split_labels(labels, checkpoint)
+    k = _top_k(top_k)
+    adapter = adapter_path(TASK, model, optional_owner(browser_id, profile))
+    emb = Embedder(gpu.loaded(TASK, _checkpoint(checkpoint)), adapter=adapter)
+    hits = rank_labels(embed_query_audio(emb, path=path), candidates, emb, k)
     rows = [[h.rank, h.label, round(h.score, 4)] for h in hits]
     return rows, _plot(rows)
 
 
 @gpu.task(duration=120)  # the first search with an adapter embeds the library with it
-def similar_audio(audio, top_k=5, model: str | None = BASE, checkpoint: str | None = None):
+def similar_audio(audio, top_k=5, model: str | None = BASE, browser_id=None, profile=None, *,
+                  checkpoint: str | None = None):
     """Sound -> clips: the most similar clips in the library (embedded by ``model``), and their paths."""
-    index, emb = library(_checkpoint(checkpoint), adapter_path(TASK, model))
-    rows, paths = _clip_rows(index.search_vector(_query(audio, emb), _top_k(top_k)))
+    path = _audio_path(audio)
+    k = _top_k(top_k)
+    index, emb = library(_checkpoint(checkpoint), adapter_path(TASK, model, optional_owner(browser_id, profile)))
+    rows, paths = _clip_rows(index.search_vector(embed_query_audio(emb, path=path), k))
     return rows, paths
 
 
@@ -311,18 +396,30 @@ def build(ctx: UIContext) -> None:
             gr.Markdown("#### Listen")
             audio_players = [gr.Audio(visible=False, interactive=False, type="filepath") for _ in range(PLAYERS)]
 
-    def _ck(fn):
-        return user_errors(lambda *a: fn(*a, checkpoint=checkpoint))
+    browser_id = ctx.browser_id
 
+    def _ck(fn):
+        def handler(*args, profile: gr.OAuthProfile | None = None):
+            return fn(*args, profile=profile, checkpoint=checkpoint)
+
+        return user_errors(handler)
+
+    # Each search starts with a queued check that has no outputs: a refused query shows its sentence (a
+    # queued event's gr.Error reaches the page) and the results already on screen stay as they are.
+    check_kw = dict(api_visibility="private", concurrency_id="check", concurrency_limit=CHECK_CONCURRENCY)
+    text_in = [query, top_k, model, browser_id]
+    sound_in = [sound, labels, top_k2, model, browser_id]
     add.click(_ck(add_clips), uploads, [report, table], api_visibility="private", **gpu_kw)
-    search.click(_ck(search_audio), [query, top_k, model], [results, plot, clip_paths], api_name="search_audio",
-                 **gpu_kw).then(players, [results, clip_paths], audio_players, api_visibility="private")
-    query.submit(_ck(search_audio), [query, top_k, model], [results, plot, clip_paths], api_visibility="private",
-                 **gpu_kw).then(players, [results, clip_paths], audio_players, api_visibility="private")
-    match.click(_ck(classify_audio), [sound, labels, top_k2, model], [label_table, label_plot],
-                api_name="classify_audio", **gpu_kw)
-    match.click(_ck(similar_audio), [sound, top_k2, model], [similar, clip_paths], api_name="similar_audio",
-                **gpu_kw).then(players, [similar, clip_paths], audio_players, api_visibility="private")
+    for trigger, api_name in ((search.click, "search_audio"), (query.submit, None)):
+        trigger(_ck(check_search), text_in, None, **check_kw).success(
+            _ck(search_audio), text_in, [results, plot, clip_paths],
+            **(dict(api_name=api_name) if api_name else dict(api_visibility="private")), **gpu_kw,
+        ).then(players, [results, clip_paths], audio_players, api_visibility="private")
+    checked = match.click(_ck(check_sound), sound_in, None, **check_kw)
+    checked.success(_ck(classify_audio), sound_in, [label_table, label_plot], api_name="classify_audio", **gpu_kw)
+    checked.success(_ck(similar_audio), [sound, top_k2, model, browser_id], [similar, clip_paths],
+                    api_name="similar_audio", **gpu_kw).then(
+        players, [similar, clip_paths], audio_players, api_visibility="private")
     refresh = lambda: library_rows(checkpoint)  # noqa: E731
     ctx.tab.select(refresh, None, table, api_visibility="private", queue=False)
     ctx.demo.load(refresh, None, table, api_visibility="private", queue=False)

@@ -22,9 +22,12 @@ from mmdemo.ui.common import (
     file_path,
     generation_options,
     model_selector,
+    optional_owner,
+    profile_of,
+    serve_isolated,
     user_errors,
 )
-from mmdemo.ui.context import ASSETS, GPU_QUEUE, UIContext
+from mmdemo.ui.context import ASSETS, CHECK_CONCURRENCY, GPU_QUEUE, UIContext
 
 TITLE = "Caption"
 TASK = "caption"
@@ -40,8 +43,12 @@ def _paths(files) -> list[str]:
     return [p for p in (file_path(f) for f in files) if p]
 
 
-def check_request(files, prompt, num_beams, max_new_tokens, adapter) -> None:
-    """Everything about one request that can be wrong, checked before it joins a batch."""
+def _prepare(files, prompt, num_beams, max_new_tokens, adapter, owner: str | None, checkpoint: str | None):
+    """Everything about one request that can be wrong, checked before it joins a batch; returns its work.
+
+    Bounds: at most ``MAX_IMAGES`` images, each within the size/pixel limits; the prefix and max new tokens
+    within the model's text positions; the adapter one that ``owner`` may use.
+    """
     paths = _paths(files)
     if not paths:
         raise InputError("Upload at least one image to caption.")
@@ -50,8 +57,16 @@ def check_request(files, prompt, num_beams, max_new_tokens, adapter) -> None:
     limits = get_settings().limits
     for p in paths:
         load_image(p, limits)
-    generation_options(num_beams, max_new_tokens, CAPTION_DEFAULTS)
-    adapter_path(TASK, adapter)
+    options = generation_options(num_beams, max_new_tokens, CAPTION_DEFAULTS)
+    adapter_dir = adapter_path(TASK, adapter, owner)
+    caption_model.check_prompt(gpu.loaded(TASK, checkpoint), prompt, options)
+    return paths, (prompt or "").strip() or None, options, adapter_dir
+
+
+def check_request(files, prompt, num_beams, max_new_tokens, adapter, browser_id,
+                  profile: gr.OAuthProfile | None = None, *, checkpoint: str | None = None) -> None:
+    """The page's first step: a bad request gets its sentence at once, and the results on screen stay."""
+    _prepare(files, prompt, num_beams, max_new_tokens, adapter, optional_owner(browser_id, profile), checkpoint)
 
 
 @gpu.task(duration=60)
@@ -65,40 +80,49 @@ def _run(groups: list[tuple[list[str], str | None, tuple[int, int], str | None]]
     return out
 
 
-def caption_batch(files_list, prompts, beams_list, max_list, adapters, *, checkpoint: str | None = None):
+def caption_batch(files_list, prompts, beams_list, max_list, adapters, browser_ids=None, requests=None, *,
+                  checkpoint: str | None = None):
     """Batched handler: lists of requests in, a tuple holding one list of [image, caption] rows per request.
 
-    A request that cannot be served (a bad file) gets its error sentence as its caption when it was
-    batched with others, so one user's bad upload never fails the other users' requests; alone, it
-    raises and the user sees ``gr.Error``.
+    Requests with the same prefix, options and adapter share one forward pass. A request that cannot be
+    served (a bad file, a prefix too long, someone else's adapter, or a model call that fails on it alone)
+    gets its error sentence as its caption when it was batched with others, so one user's bad request never
+    fails the other users'; alone, it raises and the user sees ``gr.Error``.
     """
     n = len(files_list)
+    browser_ids = browser_ids or [None] * n
+    requests = requests if isinstance(requests, list) else [requests] * n
     rows: list[list[list[str]] | None] = [None] * n
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    prepared: dict[int, tuple[list[str], str | None]] = {}
+    work = {}
     for i in range(n):
         try:
-            check_request(files_list[i], prompts[i], beams_list[i], max_list[i], adapters[i])
-            opts = generation_options(beams_list[i], max_list[i], CAPTION_DEFAULTS)
-            adapter = adapter_path(TASK, adapters[i])
+            owner = optional_owner(browser_ids[i], profile_of(requests[i]))
+            work[i] = _prepare(files_list[i], prompts[i], beams_list[i], max_list[i], adapters[i], owner, checkpoint)
         except MMDemoError as err:
-            if n == 1:
-                raise
-            rows[i] = [["—", f"⚠️ {err}"]]
-            continue
-        prompt = (prompts[i] or "").strip() or None
-        prepared[i] = (_paths(files_list[i]), prompt)
-        groups[(prompt, opts.num_beams, opts.max_new_tokens, adapter)].append(i)
-    work = []
-    for (prompt, beams, max_new, adapter), members in groups.items():
-        images = [p for i in members for p in prepared[i][0]]
-        work.append((images, prompt, (beams, max_new), adapter))
-    results = _run(work, checkpoint) if work else []
-    for (_key, members), captions in zip(groups.items(), results):
-        it = iter(captions)
-        for i in members:
-            rows[i] = [[Path(p).name, next(it)] for p in prepared[i][0]]
+            rows[i] = _failed(err, n)
+
+    def call(part: dict) -> dict:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (_images, prompt, opts, adapter) in part.items():
+            groups[(prompt, opts.num_beams, opts.max_new_tokens, adapter)].append(i)
+        jobs = [([p for i in members for p in part[i][0]], prompt, (beams, max_new), adapter)
+                for (prompt, beams, max_new, adapter), members in groups.items()]
+        out = {}
+        for members, captions in zip(groups.values(), _run(jobs, checkpoint)):
+            it = iter(captions)
+            for i in members:
+                out[i] = [[Path(p).name, next(it)] for p in part[i][0]]
+        return out
+
+    for i, result in serve_isolated(call, work, "caption").items():
+        rows[i] = _failed(result, n) if isinstance(result, MMDemoError) else result
     return (rows,)
+
+
+def _failed(err: MMDemoError, n: int) -> list[list[str]]:
+    if n == 1:
+        raise err
+    return [["—", f"⚠️ {err}"]]
 
 
 def preview(files) -> list[str]:
@@ -128,10 +152,20 @@ def build(ctx: UIContext) -> None:
                                  elem_id="caption-output")
     gr.Examples(examples(), inputs=[files, prompt], label="Examples (drawn by assets/make_assets.py)")
 
-    inputs = [files, prompt, beams, max_new, adapter]
+    inputs = [files, prompt, beams, max_new, adapter, ctx.browser_id]
+
+    def check(files, prompt, beams, max_new, adapter, browser_id, profile: gr.OAuthProfile | None = None) -> None:
+        check_request(files, prompt, beams, max_new, adapter, browser_id, profile, checkpoint=checkpoint)
+
+    def handler(files, prompts, beams, max_new, adapters, browser_ids, request: gr.Request):
+        return caption_batch(files, prompts, beams, max_new, adapters, browser_ids, request, checkpoint=checkpoint)
+
     files.change(preview, files, gallery, api_visibility="private")
-    run.click(user_errors(check_request), inputs, None, api_visibility="private", queue=False).success(
-        user_errors(lambda *a: caption_batch(*a, checkpoint=checkpoint)), inputs, table, api_name="caption",
+    # The check is queued (a queued event's gr.Error reaches the page) and has no outputs, so a refused
+    # request shows its sentence and leaves the captions already on screen as they are.
+    run.click(user_errors(check), inputs, None, api_visibility="private", concurrency_limit=CHECK_CONCURRENCY,
+              concurrency_id="check").success(
+        user_errors(handler), inputs, table, api_name="caption",
         batch=True, max_batch_size=ctx.max_batch_size, concurrency_id=GPU_QUEUE,
         concurrency_limit=ctx.gpu_concurrency,
     )

@@ -1,10 +1,12 @@
-"""Helpers shared by the tabs: turning project errors into ``gr.Error``, adapter choices, model status."""
+"""Helpers shared by the tabs: project errors as ``gr.Error``, who the visitor is, which adapters they may use."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import threading
+import os
+import re
+import secrets
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +14,9 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
-from mmdemo.config import get_settings
 from mmdemo.errors import InputError, MMDemoError
 from mmdemo.models.generation import GenerationOptions
 from mmdemo.models.loading import check_adapter
-from mmdemo.ui import gpu
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,42 +36,101 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-# ----------------------------------------------------------------------------------------------- adapters
+# ----------------------------------------------------------------------------------------------- identity
+BROWSER_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
+SECRET_FILE = ".browser-secret"
+
+
 def owner_of(browser_id: str | None, profile: Any = None) -> str:
     """Who is asking: the signed-in Hugging Face user, else the anonymous id this browser keeps.
 
     The anonymous id is a random 128-bit value in the browser's local storage (``gr.BrowserState``), so
-    a reload or a second tab is the same user; API clients pass the id they were given.
+    a reload or a second tab is the same user; API clients pass the id they chose. A missing, blank or
+    malformed id is refused with the same sentence wherever it is used (submit, status, cancel, adapters).
     """
-    if profile is not None and getattr(profile, "username", None):
-        return f"hf:{profile.username}"
-    if not browser_id:
-        raise InputError("Your browser session has no id yet; reload the page.")
-    return f"anon:{browser_id}"
+    username = getattr(profile, "username", None) if profile is not None else None
+    if username:
+        return f"hf:{username}"
+    if _blank(browser_id):
+        raise InputError("Your browser has no session id yet; reload the page (API clients: pass the same "
+                         "random id of 8 to 128 letters, digits, '-' or '_' with every call).")
+    bid = browser_id.strip() if isinstance(browser_id, str) else ""
+    if not BROWSER_ID.fullmatch(bid):
+        raise InputError("That browser session id is not valid; reload the page (API clients: use 8 to 128 "
+                         "letters, digits, '-' or '_').")
+    return f"anon:{bid}"
+
+
+def optional_owner(browser_id: str | None, profile: Any = None) -> str | None:
+    """The owner for the model tabs, where no id is needed for the base model or published adapters."""
+    if getattr(profile, "username", None) or not _blank(browser_id):
+        return owner_of(browser_id, profile)
+    return None
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def profile_of(request: Any) -> gr.OAuthProfile | None:
+    """The signed-in user of one request (for batched handlers, which Gradio gives a list of requests)."""
+    from gradio.helpers import _session_from_request
+    from gradio.oauth import _get_valid_oauth_info_from_session
+
+    info = _get_valid_oauth_info_from_session(_session_from_request(request)) if request is not None else None
+    return gr.OAuthProfile(info["userinfo"]) if info and info.get("userinfo") else None
 
 
 def new_browser_id(current: str | None) -> str:
-    return current or uuid.uuid4().hex
+    return current if isinstance(current, str) and BROWSER_ID.fullmatch(current) else uuid.uuid4().hex
 
 
+def browser_secret(home: Path) -> str | None:
+    """The key ``gr.BrowserState`` stores the browser id with, kept under ``home`` so it survives restarts.
+
+    Generated once, written owner-only (0600). ``None`` when ``home`` cannot be written: Gradio then picks
+    a random key and anonymous users lose their jobs at the next restart (the start-up message says so).
+    """
+    path = home / SECRET_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    secret = secrets.token_urlsafe(32)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process wrote it a moment ago
+        return path.read_text().strip()
+    except OSError:
+        return None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret)
+    return secret
+
+
+# ----------------------------------------------------------------------------------------------- adapters
 def adapter_choices(task: str, owner: str | None) -> list[str]:
     """``base`` plus the finished adapters for ``task`` that ``owner`` may use (theirs, or published)."""
-    from mmdemo import jobs
+    from mmdemo.jobs.adapters import list_adapters, visible
 
-    if owner is None:
-        return [BASE]
-    return [BASE, *(a["name"] for a in jobs.list_adapters(task, owner))]
+    found = list_adapters(task, owner)  # owner None lists every adapter: keep what an anonymous caller may use
+    return [BASE, *(a["name"] for a in found if visible(a, owner, anonymous_sees_all=False))]
 
 
-def adapter_path(task: str, choice: str | None) -> str | None:
-    """The adapter folder for a selector value, checked; ``None`` for the base model."""
-    if not choice or choice == BASE:
+def adapter_path(task: str, choice: str | None, owner: str | None) -> str | None:
+    """The adapter folder for a selector value if ``owner`` may use it; ``None`` for the base model.
+
+    Every tab's endpoint resolves its model choice here (and downloads/publishing in the jobs layer use the
+    same :func:`mmdemo.jobs.adapters.resolve_adapter`): a name is not a key, the owner check is.
+    """
+    from mmdemo.jobs.adapters import resolve_adapter
+
+    if choice is None or choice == "" or choice == BASE:
         return None
-    if "/" in choice or "\\" in choice or choice.startswith("."):
-        raise InputError(f"{choice!r} is not an adapter name; pick one from the list.")
-    folder = get_settings().adapters_dir / choice
-    if not folder.is_dir():
-        raise InputError(f"There is no adapter called {choice!r}; refresh the list and pick another.")
+    folder = resolve_adapter(choice, owner, task)
     check_adapter(folder, task)
     return str(folder)
 
@@ -84,7 +143,7 @@ def adapter_dropdown(task: str) -> gr.Dropdown:
 
 def refresh_adapters(task: str, current: str | None, browser_id: str | None, profile: Any = None) -> dict:
     try:
-        owner = owner_of(browser_id, profile)
+        owner = optional_owner(browser_id, profile)
     except InputError:
         owner = None
     choices = adapter_choices(task, owner)
@@ -110,6 +169,35 @@ def wire_adapter_refresh(ctx, task: str, dropdown, button) -> None:
         trigger(refresh, [dropdown, ctx.browser_id], dropdown, api_visibility="private", queue=False)
 
 
+def serve_isolated(call: Callable[[dict[int, Any]], dict[int, Any]], work: dict[int, Any],
+                   what: str) -> dict[int, Any]:
+    """Serve several users' requests with one ``call``; if it fails, serve each request alone.
+
+    ``call`` takes ``{request index: prepared work}`` and returns ``{request index: result}``. A request that
+    fails on its own gets an ``MMDemoError`` (its sentence) as its result, so one bad request never fails the
+    others (Gradio's batching gives a whole batch one outcome; this gives each request its own).
+    """
+    if not work:
+        return {}
+    if len(work) > 1:
+        try:
+            return call(work)
+        except Exception:  # noqa: BLE001 - narrowed down request by request below
+            log.warning("a batch of %d %s requests failed; serving them one by one", len(work), what,
+                        exc_info=True)
+    out: dict[int, Any] = {}
+    for i, w in work.items():
+        try:
+            out[i] = call({i: w})[i]
+        except MMDemoError as err:
+            out[i] = err
+        except Exception as err:  # noqa: BLE001 - the traceback goes to the log, a sentence to the user
+            log.exception("a %s request failed", what)
+            out[i] = MMDemoError(f"The model could not {what} this request ({type(err).__name__}); try again "
+                                 f"with fewer or smaller inputs.")
+    return out
+
+
 def generation_options(num_beams: Any, max_new_tokens: Any, defaults: GenerationOptions) -> GenerationOptions:
     """Decoding options from two UI numbers (``None``/blank means the task's default)."""
     try:
@@ -130,66 +218,3 @@ def file_path(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("path") or value.get("name")
     return getattr(value, "path", None) or getattr(value, "name", None)
-
-
-# ------------------------------------------------------------------------------------------- model status
-class ModelStatus:
-    """Which models are loading, ready or failed; filled by a background warm-up thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.state: dict[str, str] = {}  # task -> "waiting" | "loading" | "ready" | the failure sentence
-        self.thread: threading.Thread | None = None
-
-    def warm_up(self, checkpoints: dict[str, str], then: list[Callable[[], Any]] = ()) -> threading.Thread:
-        """Load every task's model in a daemon thread, so the server starts at once; then run ``then``."""
-        with self._lock:
-            for task in checkpoints:
-                self.state.setdefault(task, "waiting")
-
-        def run() -> None:
-            for task, checkpoint in checkpoints.items():
-                self._set(task, "loading")
-                try:
-                    gpu.loaded(task, checkpoint)
-                except MMDemoError as err:
-                    self._set(task, str(err))
-                except Exception as err:  # noqa: BLE001 - shown in the page instead of dying silently
-                    log.exception("loading %s failed", task)
-                    self._set(task, f"{type(err).__name__}: {err}")
-                else:
-                    self._set(task, "ready")
-            for hook in then:
-                try:
-                    hook()
-                except MMDemoError as err:
-                    log.warning("warm-up step failed: %s", err)
-
-        self.thread = threading.Thread(target=run, name="mmdemo-warm-up", daemon=True)
-        self.thread.start()
-        return self.thread
-
-    def _set(self, task: str, value: str) -> None:
-        with self._lock:
-            self.state[task] = value
-
-    def done(self) -> bool:
-        with self._lock:
-            return all(v not in ("waiting", "loading") for v in self.state.values())
-
-    def markdown(self, checkpoints: dict[str, str]) -> str:
-        with self._lock:
-            state = dict(self.state)
-        if not state:
-            return ""
-        parts = []
-        for task, value in state.items():
-            name = Path(checkpoints.get(task, task)).name
-            if value in ("ready", "waiting", "loading"):
-                parts.append(f"{task} ({name}): {value}")
-            else:
-                parts.append(f"{task}: failed, {value}")
-        return "**Models:** " + " · ".join(parts)
-
-
-STATUS = ModelStatus()

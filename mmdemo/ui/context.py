@@ -9,6 +9,7 @@ from typing import Any
 from mmdemo.models.loading import resolve_checkpoint
 
 GPU_QUEUE = "gpu"  # concurrency_id shared by every event that runs a model
+CHECK_CONCURRENCY = 4  # input checks (decoding uploads, counting tokens) running at once, all tabs together
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 

@@ -8,6 +8,7 @@ anonymous id kept in the browser (``gr.BrowserState``); each owner sees and canc
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -17,12 +18,13 @@ import pandas as pd
 
 from mmdemo import jobs
 from mmdemo.config import get_settings
-from mmdemo.errors import InputError
+from mmdemo.errors import InputError, MMDemoError
 from mmdemo.models.registry import TASKS
 from mmdemo.ui.common import file_path, owner_of, user_errors
-from mmdemo.ui.context import UIContext
+from mmdemo.ui.context import CHECK_CONCURRENCY, UIContext
 
 TITLE = "Fine-tune"
+log = logging.getLogger(__name__)
 PRESET_HELP = {"quick": "Quick: a few minutes; rank 8, at least 60 steps",
                "balanced": "Balanced: rank 16, about twice as long",
                "thorough": "Thorough: rank 32, about four times as long"}
@@ -67,24 +69,56 @@ def submit(upload, task, preset, epochs, lr, rank, alpha, batch_size, browser_id
     return job.id
 
 
+def public_record(job: jobs.Job) -> dict:
+    """The job's record as the page and the API show it: names, not server paths."""
+    record = job.record()
+    result = dict(record.get("result") or {})
+    if "adapter" in result:
+        result["adapter"] = job.name  # the name the Model lists and the download use
+    record["result"] = result or None
+    if record.get("model") and Path(record["model"]).is_absolute():
+        record["model"] = Path(record["model"]).name
+    return scrub(record)
+
+
+def scrub(value):
+    """``value`` with every mention of the data folder's location replaced by ``MMDEMO_HOME``."""
+    if isinstance(value, str):
+        home = get_settings().home
+        for prefix in {str(home.resolve()), str(home.absolute())}:
+            value = value.replace(prefix, "MMDEMO_HOME")
+        return value
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
 def job_status(job_id: str, browser_id, profile: gr.OAuthProfile | None = None) -> dict:
     """The job's record: state, queue position, phase, step/total, loss, ETA, metrics when finished."""
+    owner = owner_of(browser_id, profile)
     if not job_id:
         raise InputError("Pick a job from the list.")
-    return jobs.get(job_id, owner_of(browser_id, profile)).record()
+    return public_record(jobs.get(job_id, owner))
 
 
 def job_cancel(job_id: str, browser_id, profile: gr.OAuthProfile | None = None) -> dict:
+    owner = owner_of(browser_id, profile)
     if not job_id:
         raise InputError("Pick a job from the list.")
-    return jobs.cancel(job_id, owner_of(browser_id, profile)).record()
+    return public_record(jobs.cancel(job_id, owner))
 
 
 def job_table(browser_id, profile: gr.OAuthProfile | None = None) -> pd.DataFrame:
+    try:
+        owner = owner_of(browser_id, profile)
+    except InputError:  # the page has not got its id yet: nothing to list
+        return pd.DataFrame([], columns=JOB_HEADERS)
     rows = [[j.id, j.task, j.state, j.position or "", "" if j.state in jobs.FINAL else (j.phase or ""),
              f"{j.step or 0}/{j.total or 0}",
              "" if j.loss is None else round(j.loss, 4), j.name if j.state == "succeeded" else ""]
-            for j in jobs.list_jobs(owner_of(browser_id, profile))]
+            for j in jobs.list_jobs(owner)]
     return pd.DataFrame(rows, columns=JOB_HEADERS)
 
 
@@ -105,7 +139,7 @@ def details(job_id, browser_id, profile: gr.OAuthProfile | None = None):
     if not job_id:
         return "", empty, "", pd.DataFrame(), pd.DataFrame()
     owner = owner_of(browser_id, profile)
-    job = jobs.get(job_id, owner).record()
+    job = public_record(jobs.get(job_id, owner))
     events = jobs.events(job_id, owner=owner)
     curve = pd.DataFrame([{"step": e["step"], "loss": e["loss"]} for e in events
                           if e.get("phase") == "training" and "loss" in e]) if events else empty
@@ -113,12 +147,16 @@ def details(job_id, browser_id, profile: gr.OAuthProfile | None = None):
     before, after = result.get("metrics_before") or {}, result.get("metrics_after") or {}
     metrics = pd.DataFrame([{"metric": k, "base model": before.get(k), "adapter": v} for k, v in after.items()])
     examples = pd.DataFrame(result.get("examples") or [])
-    return (progress_html(job), curve if len(curve) else empty, jobs.log_tail(job_id, 30, owner=owner), metrics,
-            examples)
+    return (progress_html(job), curve if len(curve) else empty, scrub(jobs.log_tail(job_id, 30, owner=owner)),
+            metrics, examples)
 
 
 def download(job_id, browser_id, profile: gr.OAuthProfile | None = None) -> str:
+    """A zip of the job's adapter for its owner, in a private temporary folder (nothing under MMDEMO_HOME is
+    served); the web server copies it to its own short-lived cache for the page's download link."""
     owner = owner_of(browser_id, profile)
+    if not job_id:
+        raise InputError("Pick a job from the list.")
     job = jobs.get(job_id, owner)
     if job.state != "succeeded":
         raise InputError(f"Job {job_id} has no adapter yet ({job.state}); wait until it has succeeded.")
@@ -129,6 +167,8 @@ def publish(job_id, repo_id, browser_id, profile: gr.OAuthProfile | None = None,
             oauth_token: gr.OAuthToken | None = None) -> str:
     """Upload the job's adapter with the signed-in user's token (or HF_TOKEN); the token is not kept."""
     owner = owner_of(browser_id, profile)
+    if not job_id:
+        raise InputError("Pick a job from the list.")
     job = jobs.get(job_id, owner)
     if job.state != "succeeded":
         raise InputError(f"Job {job_id} has no adapter yet ({job.state}); wait until it has succeeded.")
@@ -137,12 +177,24 @@ def publish(job_id, repo_id, browser_id, profile: gr.OAuthProfile | None = None,
     return f"Published to {url}"
 
 
+def start_jobs() -> None:
+    """Start this app's dispatcher (idempotent; it resumes interrupted jobs and runs queued ones).
+
+    A data folder that cannot be written is said once at start-up (see ``mmdemo.ui.app``), and each
+    Fine-tune action then answers with the same sentence; it must not stop the other tabs from serving.
+    """
+    try:
+        jobs.start_dispatcher()
+    except MMDemoError as err:
+        log.warning("fine-tuning is unavailable: %s", err)
+
+
 def warm_up(ctx: UIContext) -> None:
-    jobs.start_dispatcher()
+    start_jobs()
 
 
 def build(ctx: UIContext) -> None:
-    jobs.start_dispatcher()  # idempotent; resumes interrupted jobs and runs queued ones
+    start_jobs()
     browser_id = ctx.browser_id
     with gr.Row():
         with gr.Column():
@@ -193,8 +245,11 @@ def build(ctx: UIContext) -> None:
     submitted = go.click(user_errors(submit_handler), [upload, task, preset, epochs, lr, rank, alpha, batch, browser_id],
                          job_id, api_name="finetune_submit")
     submitted.success(job_table, browser_id, jobs_table, api_visibility="private", queue=False)
-    job_id.change(user_errors(job_status), [job_id, browser_id], status_json, api_name="job_status", queue=False)
-    cancel_btn.click(user_errors(job_cancel), [job_id, browser_id], status_json, api_name="job_cancel", queue=False)
+    # queued (not queue=False): only a queued event's gr.Error reaches the page as a message
+    job_id.change(user_errors(job_status), [job_id, browser_id], status_json, api_name="job_status",
+                  concurrency_limit=CHECK_CONCURRENCY, concurrency_id="check")
+    cancel_btn.click(user_errors(job_cancel), [job_id, browser_id], status_json, api_name="job_cancel",
+                     concurrency_limit=CHECK_CONCURRENCY, concurrency_id="check")
 
     def pick(evt: gr.SelectData, table):
         return table.iloc[evt.index[0], 0] if evt is not None and len(table) else gr.update()

@@ -38,7 +38,12 @@ def task(duration: int = 60) -> Callable[[F], F]:
 
 
 def loaded(task_name: str, checkpoint: str | None) -> Loaded:
-    """The cached model for a task: on the CPU under ZeroGPU (no CUDA in the main process), else as usual."""
+    """The cached model for a task: on the CPU under ZeroGPU (no CUDA in the main process), else as usual.
+
+    Raises :class:`~mmdemo.errors.ModelLoadError` at once while the same checkpoint failed to load
+    recently (the warm-up's failure, for a click right after it): the model layer remembers failures for
+    a short while rather than letting every click wait for an unreachable Hub again.
+    """
     if ZERO_GPU:
         return on_device(load(task_name, checkpoint, device="cpu"))
     return load(task_name, checkpoint)

@@ -21,9 +21,12 @@ from mmdemo.ui.common import (
     file_path,
     generation_options,
     model_selector,
+    optional_owner,
+    profile_of,
+    serve_isolated,
     user_errors,
 )
-from mmdemo.ui.context import ASSETS, GPU_QUEUE, UIContext
+from mmdemo.ui.context import ASSETS, CHECK_CONCURRENCY, GPU_QUEUE, UIContext
 
 TITLE = "Visual QA"
 TASK = "vqa"
@@ -39,14 +42,27 @@ def split_questions(text: str | None) -> list[str]:
     return questions
 
 
-def check_request(image, questions, num_beams, max_new_tokens, adapter) -> None:
+def _prepare(image, questions, num_beams, max_new_tokens, adapter, owner: str | None, checkpoint: str | None):
+    """Everything about one request that can be wrong, checked before it joins a batch; returns its work.
+
+    Bounds: one image within the size/pixel limits, at most ``MAX_QUESTIONS`` questions each within the
+    model's text positions, max new tokens within the answer decoder's, an adapter ``owner`` may use.
+    """
     path = file_path(image)
     if not path:
         raise InputError("Upload an image to ask about.")
     load_image(path, get_settings().limits)
-    split_questions(questions)
-    generation_options(num_beams, max_new_tokens, VQA_DEFAULTS)
-    adapter_path(TASK, adapter)
+    asked = split_questions(questions)
+    options = generation_options(num_beams, max_new_tokens, VQA_DEFAULTS)
+    adapter_dir = adapter_path(TASK, adapter, owner)
+    vqa_model.check_questions(gpu.loaded(TASK, checkpoint), asked, options)
+    return path, asked, options, adapter_dir
+
+
+def check_request(image, questions, num_beams, max_new_tokens, adapter, browser_id,
+                  profile: gr.OAuthProfile | None = None, *, checkpoint: str | None = None) -> None:
+    """The page's first step: a bad request gets its sentence at once, and the answers on screen stay."""
+    _prepare(image, questions, num_beams, max_new_tokens, adapter, optional_owner(browser_id, profile), checkpoint)
 
 
 @gpu.task(duration=60)
@@ -59,35 +75,45 @@ def _run(groups: list[tuple[list[tuple[str, str]], tuple[int, int], str | None]]
     return out
 
 
-def vqa_batch(images, questions_list, beams_list, max_list, adapters, *, checkpoint: str | None = None):
+def vqa_batch(images, questions_list, beams_list, max_list, adapters, browser_ids=None, requests=None, *,
+              checkpoint: str | None = None):
     """Batched handler: one list of [question, answer] rows per request (see ``caption_batch``)."""
     n = len(images)
+    browser_ids = browser_ids or [None] * n
+    requests = requests if isinstance(requests, list) else [requests] * n
     rows: list[list[list[str]] | None] = [None] * n
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    asked: dict[int, tuple[str, list[str]]] = {}
+    work = {}
     for i in range(n):
         try:
-            check_request(images[i], questions_list[i], beams_list[i], max_list[i], adapters[i])
-            opts = generation_options(beams_list[i], max_list[i], VQA_DEFAULTS)
-            adapter = adapter_path(TASK, adapters[i])
+            owner = optional_owner(browser_ids[i], profile_of(requests[i]))
+            work[i] = _prepare(images[i], questions_list[i], beams_list[i], max_list[i], adapters[i], owner,
+                               checkpoint)
         except MMDemoError as err:
-            if n == 1:
-                raise
-            rows[i] = [["—", f"⚠️ {err}"]]
-            continue
-        asked[i] = (file_path(images[i]), split_questions(questions_list[i]))
-        groups[(opts.num_beams, opts.max_new_tokens, adapter)].append(i)
-    work = []
-    for (beams, max_new, adapter), members in groups.items():
+            rows[i] = _failed(err, n)
+
+    def call(part: dict) -> dict:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (_path, _asked, opts, adapter) in part.items():
+            groups[(opts.num_beams, opts.max_new_tokens, adapter)].append(i)
         # the same path object for every question of a request: answer_pairs encodes that image once
-        pairs = [(asked[i][0], q) for i in members for q in asked[i][1]]
-        work.append((pairs, (beams, max_new), adapter))
-    results = _run(work, checkpoint) if work else []
-    for (_key, members), answers in zip(groups.items(), results):
-        it = iter(answers)
-        for i in members:
-            rows[i] = [[q, next(it)] for q in asked[i][1]]
+        jobs = [([(part[i][0], q) for i in members for q in part[i][1]], (beams, max_new), adapter)
+                for (beams, max_new, adapter), members in groups.items()]
+        out = {}
+        for members, answers in zip(groups.values(), _run(jobs, checkpoint)):
+            it = iter(answers)
+            for i in members:
+                out[i] = [[q, next(it)] for q in part[i][1]]
+        return out
+
+    for i, result in serve_isolated(call, work, "answer").items():
+        rows[i] = _failed(result, n) if isinstance(result, MMDemoError) else result
     return (rows,)
+
+
+def _failed(err: MMDemoError, n: int) -> list[list[str]]:
+    if n == 1:
+        raise err
+    return [["—", f"⚠️ {err}"]]
 
 
 def examples() -> list[list]:
@@ -119,9 +145,18 @@ def build(ctx: UIContext) -> None:
                                  elem_id="vqa-output")
     gr.Examples(examples(), inputs=[image, questions], label="Examples (drawn by assets/make_assets.py)")
 
-    inputs = [image, questions, beams, max_new, adapter]
-    run.click(user_errors(check_request), inputs, None, api_visibility="private", queue=False).success(
-        user_errors(lambda *a: vqa_batch(*a, checkpoint=checkpoint)), inputs, table, api_name="vqa",
+    inputs = [image, questions, beams, max_new, adapter, ctx.browser_id]
+
+    def check(image, questions, beams, max_new, adapter, browser_id, profile: gr.OAuthProfile | None = None) -> None:
+        check_request(image, questions, beams, max_new, adapter, browser_id, profile, checkpoint=checkpoint)
+
+    def handler(images, questions, beams, max_new, adapters, browser_ids, request: gr.Request):
+        return vqa_batch(images, questions, beams, max_new, adapters, browser_ids, request, checkpoint=checkpoint)
+
+    # A queued check with no outputs: a refused request shows its sentence, the answers on screen stay.
+    run.click(user_errors(check), inputs, None, api_visibility="private", concurrency_limit=CHECK_CONCURRENCY,
+              concurrency_id="check").success(
+        user_errors(handler), inputs, table, api_name="vqa",
         batch=True, max_batch_size=ctx.max_batch_size, concurrency_id=GPU_QUEUE,
         concurrency_limit=ctx.gpu_concurrency,
     )

@@ -1,0 +1,108 @@
+"""Which models are loading, ready or failed: filled by a background warm-up thread, shown at the top of the page.
+
+The page gets one line per model (a Markdown list) and the terminal one line per model once it is
+ready or has failed, with the same sentence a click on that tab would then show.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mmdemo.errors import MMDemoError
+from mmdemo.models.registry import TASKS
+from mmdemo.ui import gpu
+
+log = logging.getLogger(__name__)
+
+PENDING = {"waiting": "waiting to load", "loading": "loading…"}
+
+
+def model_label(task: str, checkpoint: str | None) -> str:
+    """``Caption (blip-image-captioning-base)``: the tab's name and the checkpoint's last path part."""
+    title = TASKS[task].title if task in TASKS else task
+    return f"{title} ({Path(checkpoint or task).name})"
+
+
+class ModelStatus:
+    """Which models are loading, ready or failed; filled by a background warm-up thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.state: dict[str, str] = {}  # task -> "waiting" | "loading" | "ready" | the failure sentence
+        self.thread: threading.Thread | None = None
+
+    def warm_up(self, checkpoints: dict[str, str], then: list[Callable[[], Any]] = ()) -> threading.Thread:
+        """Load every task's model in a daemon thread, so the server starts at once; then run ``then``."""
+        with self._lock:
+            for task in checkpoints:
+                self.state.setdefault(task, "waiting")
+
+        def run() -> None:
+            for task, checkpoint in checkpoints.items():
+                self._set(task, "loading")
+                start = time.monotonic()
+                try:
+                    gpu.loaded(task, checkpoint)
+                except MMDemoError as err:
+                    self._set(task, str(err))
+                    say(f"{model_label(task, checkpoint)}: could not load — {err}")
+                except Exception as err:  # noqa: BLE001 - shown in the page instead of dying silently
+                    log.exception("loading %s failed", task)
+                    self._set(task, f"{type(err).__name__}: {err}")
+                else:
+                    self._set(task, "ready")
+                    say(f"{model_label(task, checkpoint)}: ready ({time.monotonic() - start:.1f} s)")
+            for hook in then:
+                try:
+                    hook()
+                except MMDemoError as err:
+                    if not self.reported(str(err)):  # a model's failure is already on its own line
+                        log.warning("warm-up step failed: %s", err)
+
+        self.thread = threading.Thread(target=run, name="mmdemo-warm-up", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def _set(self, task: str, value: str) -> None:
+        with self._lock:
+            self.state[task] = value
+
+    def reported(self, sentence: str) -> bool:
+        """Whether ``sentence`` is already shown as some model's failure."""
+        with self._lock:
+            return sentence in self.state.values()
+
+    def done(self) -> bool:
+        with self._lock:
+            return all(v not in PENDING for v in self.state.values())
+
+    def markdown(self, checkpoints: dict[str, str]) -> str:
+        """One list item per model: ``Caption (blip-image-captioning-base): ready``, or why it could not load."""
+        with self._lock:
+            state = dict(self.state)
+        if not state:
+            return ""
+        lines = []
+        for task, value in state.items():
+            label = model_label(task, checkpoints.get(task))
+            if value == "ready":
+                lines.append(f"- {label}: ready")
+            elif value in PENDING:
+                lines.append(f"- {label}: {PENDING[value]}")
+            else:
+                lines.append(f"- {label}: **could not load** — {value}")
+        return "**Models**\n\n" + "\n".join(lines)
+
+
+def say(line: str) -> None:
+    """One line for the person who started the app, on stderr beside the server's own messages."""
+    print(f"mmdemo: {line}", file=sys.stderr, flush=True)
+
+
+STATUS = ModelStatus()
