@@ -216,3 +216,45 @@ def make_lora(checkpoint: str, task: str, folder: Path, owner: str | None = None
     peft.save_pretrained(folder)
     (folder / "mmdemo.json").write_text(json.dumps({"task": task, "owner": owner, "published": published}))
     return folder
+
+
+@contextlib.contextmanager
+def start_app(home: Path, port: int | None = None, *args: str, env: dict | None = None, timeout: float = 120,
+              log_dir: Path | None = None):
+    """``python app.py --tiny-models ARGS`` in a subprocess with ``MMDEMO_HOME`` = ``home``; yields its URL.
+
+    Its output goes to ``app-PORT.log`` in ``log_dir`` (default: beside ``home``, which may be unwritable).
+    """
+    import time
+    import urllib.request
+
+    port = port or free_port()
+    full_env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "MMDEMO_HOME": str(home), "HF_HUB_OFFLINE": "1",
+                "MMDEMO_DEVICE": "cpu", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    log_path = (log_dir or home.parent) / f"app-{port}.log"
+    log = open(log_path, "a")
+    proc = subprocess.Popen([sys.executable, "app.py", "--tiny-models", *args], cwd=ROOT, env=full_env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"app.py did not answer in {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

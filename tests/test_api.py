@@ -70,6 +70,8 @@ def test_project_errors_reach_the_client_as_their_sentence(served, tmp_path):
     fake.write_text("hello, I am text")
     with pytest.raises(Exception, match="is a text file, not an image"):
         served.predict([handle_file(str(fake))], "", 2, 8, "base", ALICE, api_name="/caption")
+    with pytest.raises(Exception, match="is a text file, not an image"):  # Gradio's Image input lets it through
+        served.predict(handle_file(str(fake)), "what is it?", 1, 5, "base", ALICE, api_name="/vqa")
     with pytest.raises(Exception, match="Type some text to search for"):
         served.predict("   ", 3, "base", ALICE, api_name="/search_audio")
     with pytest.raises(Exception, match="There is no adapter called 'missing'"):

@@ -124,7 +124,9 @@ class SQLiteQueue:
         self.runs = self.home / "runs"
         problem = ensure_writable(self.home)
         if problem is not None:
-            log.error("MMDEMO_HOME %s cannot be written: %s", self.home.absolute(), problem)
+            # debug: the app says it once at start-up, the CLI prints the JobError; a warning here would repeat
+            # at every status poll of every open page
+            log.debug("MMDEMO_HOME %s cannot be written: %s", self.home.absolute(), problem)
             raise JobError(problem)
         with self._db() as db:
             db.executescript(_SCHEMA)

@@ -50,6 +50,8 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
     modules = tab_modules()
     home = get_settings().home
     home_problem = ensure_writable(home)
+    if home_problem:  # said once here, in the page's banner, and by each action that needs the folder
+        print(f"mmdemo: {home_problem} (MMDEMO_HOME is {home.absolute()})", file=sys.stderr, flush=True)
     # Uploads and results Gradio copies to its cache are deleted after DELETE_CACHE[1] seconds (checked every
     # DELETE_CACHE[0]): adapter download links are short-lived, and the cache does not fill the disk.
     with gr.Blocks(title="mmdemo", delete_cache=DELETE_CACHE) as demo:
@@ -78,7 +80,8 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
         timer.tick(poll, None, [status, timer], api_visibility="private", queue=False)
         demo.load(poll, None, [status, timer], api_visibility="private", queue=False)
     if warm_up:
-        hooks = [m.warm_up for m in modules if hasattr(m, "warm_up")]
+        # the tabs' warm-up steps (audio library, job dispatcher) need the data folder; models do not
+        hooks = [m.warm_up for m in modules if hasattr(m, "warm_up") and not home_problem]
         STATUS.warm_up(checkpoints, then=[lambda h=h: h(ctx) for h in hooks])
     return demo
 
@@ -124,8 +127,6 @@ def configure(args: argparse.Namespace) -> UIContext:
     checkpoints: dict[str, str] = {}
     home = get_settings().home
     problem = ensure_writable(home)
-    if problem:  # said once here, in the page's banner, and by each action that needs the folder
-        print(f"mmdemo: {problem} (MMDEMO_HOME is {home.resolve()})", file=sys.stderr, flush=True)
     if args.tiny_models:
         from mmdemo.models.tiny import TINY_FOR_TASK, write_tiny_models
 

@@ -409,7 +409,8 @@ def build(ctx: UIContext) -> None:
     check_kw = dict(api_visibility="private", concurrency_id="check", concurrency_limit=CHECK_CONCURRENCY)
     text_in = [query, top_k, model, browser_id]
     sound_in = [sound, labels, top_k2, model, browser_id]
-    add.click(_ck(add_clips), uploads, [report, table], api_visibility="private", **gpu_kw)
+    add.click(user_errors(lambda files: add_clips(files, checkpoint=checkpoint)), uploads, [report, table],
+              api_visibility="private", **gpu_kw)
     for trigger, api_name in ((search.click, "search_audio"), (query.submit, None)):
         trigger(_ck(check_search), text_in, None, **check_kw).success(
             _ck(search_audio), text_in, [results, plot, clip_paths],

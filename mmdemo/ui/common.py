@@ -36,6 +36,29 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def image_input(**kwargs) -> gr.Image:
+    """A ``gr.Image`` (``type="filepath"``) whose upload reaches the handler even when Pillow cannot open it.
+
+    Gradio's own preprocessing opens every upload and fails on a text file named ``.png`` (or a 0-byte or
+    oversized file) with a bare "Error"; here the file goes on to the handler, whose check
+    (:func:`mmdemo.media.load_image`) says in a sentence what is wrong with it. (Wrapped on the instance: a
+    subclass of a Gradio component makes Gradio write a ``.pyi`` file beside this module.)
+    """
+    image = gr.Image(type="filepath", **kwargs)
+    gradio_preprocess = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return gradio_preprocess(payload)
+        except Exception:  # noqa: BLE001 - the handler's check reports it properly
+            if payload is not None and getattr(payload, "path", None):
+                return str(payload.path)
+            raise
+
+    image.preprocess = preprocess
+    return image
+
+
 # ----------------------------------------------------------------------------------------------- identity
 BROWSER_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
 SECRET_FILE = ".browser-secret"

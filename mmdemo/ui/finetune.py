@@ -17,8 +17,8 @@ import gradio as gr
 import pandas as pd
 
 from mmdemo import jobs
-from mmdemo.config import get_settings
-from mmdemo.errors import InputError, MMDemoError
+from mmdemo.config import folder_problem, get_settings
+from mmdemo.errors import InputError, JobError, MMDemoError
 from mmdemo.models.registry import TASKS
 from mmdemo.ui.common import file_path, owner_of, user_errors
 from mmdemo.ui.context import CHECK_CONCURRENCY, UIContext
@@ -44,8 +44,12 @@ def validate(upload, task: str) -> tuple[str, pd.DataFrame]:
 
 
 def _scratch() -> Path:
-    folder = get_settings().home / "uploads"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = get_settings().home / "uploads"  # on the data disk: an unpacked dataset can be large
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise JobError(folder_problem(err) or f"The data folder (MMDEMO_HOME) cannot be used ({err.strerror}).") \
+            from None
     return folder
 
 
@@ -185,8 +189,8 @@ def start_jobs() -> None:
     """
     try:
         jobs.start_dispatcher()
-    except MMDemoError as err:
-        log.warning("fine-tuning is unavailable: %s", err)
+    except MMDemoError as err:  # said once by the app at start-up; each Fine-tune action says it again
+        log.debug("fine-tuning is unavailable: %s", err)
 
 
 def warm_up(ctx: UIContext) -> None:

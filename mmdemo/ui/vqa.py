@@ -20,6 +20,7 @@ from mmdemo.ui.common import (
     adapter_path,
     file_path,
     generation_options,
+    image_input,
     model_selector,
     optional_owner,
     profile_of,
@@ -132,7 +133,7 @@ def build(ctx: UIContext) -> None:
     gr.Markdown("Upload an image and ask one question per line; each question gets an answer.")
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Image", type="filepath", height=260, elem_id="vqa-image")
+            image = image_input(label="Image", height=260, elem_id="vqa-image")
             questions = gr.Textbox(label="Questions (one per line)", lines=3, elem_id="vqa-questions",
                                    placeholder="what color is the circle?\nhow many shapes are there?")
             with gr.Accordion("Decoding options", open=False):
