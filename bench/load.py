@@ -17,12 +17,10 @@ import os
 import random
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,26 +35,6 @@ SENTENCE_HINTS = ("Upload", "is a text file", "prefix is", "tokens", "at most", 
                   "no adapter", "Queue is full", "too many", "wait", "characters long")
 
 
-def start_app(home: Path, port: int, model_args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "MMDEMO_HOME": str(home), "HF_HUB_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False", "MMDEMO_JOB_SLOTS": "1", "OMP_NUM_THREADS": "1"}
-    log = open(home.parent / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", *model_args], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"app.py exited: {(home.parent / 'app.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("app.py did not answer in 180 s")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=32)
@@ -68,21 +46,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from gradio_client import Client, handle_file
 
-    from conftest import free_port, make_image, make_shapes_dataset
+    from conftest import make_image, make_shapes_dataset, start_app
 
     work = Path(tempfile.mkdtemp(prefix="mmdemo-load-"))
     home = work / "home"
-    port = free_port()
     images = [make_image(work / f"img{i}.png", c, s) for i, (c, s) in
               enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle"), ("black", "circle")])]
     junk = work / "junk.png"
     junk.write_text("not an image")
     clip = str(ROOT / "assets" / "sounds" / "beep.wav")
-    app = start_app(home, port, shlex.split(args.model_args))
-    url = f"http://127.0.0.1:{port}/"
     owner = "load-test-owner-0"
     job_id = None
-    try:
+    app_env = {"MMDEMO_JOB_SLOTS": "1", "OMP_NUM_THREADS": "1", "MMDEMO_DEVICE": os.environ.get("MMDEMO_DEVICE", "")}
+    with start_app(home, None, tuple(shlex.split(args.model_args)), env=app_env, timeout=180, log_dir=work) as url:
         if not args.no_job:
             data = make_shapes_dataset(work / "data", "caption", per_class=3)
             archive = shutil.make_archive(str(work / "shapes"), "zip", root_dir=data)
@@ -141,12 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             job_state = f"{status['state']} ({status['phase']} step {status['step']}/{status['total']})"
             if status["state"] not in ("succeeded", "failed", "cancelled"):  # it trained all along: stop it
                 client.predict(job_id, owner, api_name="/job_cancel")
-    finally:
-        app.terminate()
-        try:
-            app.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            app.kill()
 
     rows = {}
     lost_examples = []
@@ -171,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
               "lost": sum(r["lost"] for r in rows.values()), "endpoints": rows}
     print(json.dumps(record))
     if record["lost"]:
-        print(f"the app's log: {home.parent / 'app.log'}", file=sys.stderr)
+        print(f"the app's log is in {work}", file=sys.stderr)
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if record["lost"] == 0 else 1

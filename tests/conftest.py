@@ -219,9 +219,9 @@ def make_lora(checkpoint: str, task: str, folder: Path, owner: str | None = None
 
 
 @contextlib.contextmanager
-def start_app(home: Path, port: int | None = None, *args: str, env: dict | None = None, timeout: float = 120,
-              log_dir: Path | None = None):
-    """``python app.py --tiny-models ARGS`` in a subprocess with ``MMDEMO_HOME`` = ``home``; yields its URL.
+def start_app(home: Path, port: int | None = None, args: tuple[str, ...] = ("--tiny-models",),
+              env: dict | None = None, timeout: float = 120, log_dir: Path | None = None):
+    """``python app.py ARGS`` in a subprocess with ``MMDEMO_HOME`` = ``home``; yields its URL.
 
     Its output goes to ``app-PORT.log`` in ``log_dir`` (default: beside ``home``, which may be unwritable).
     """
@@ -233,7 +233,7 @@ def start_app(home: Path, port: int | None = None, *args: str, env: dict | None 
                 "MMDEMO_DEVICE": "cpu", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
     log_path = (log_dir or home.parent) / f"app-{port}.log"
     log = open(log_path, "a")
-    proc = subprocess.Popen([sys.executable, "app.py", "--tiny-models", *args], cwd=ROOT, env=full_env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=full_env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:

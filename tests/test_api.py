@@ -131,3 +131,19 @@ def test_finetune_submit_status_and_cancel(served, tmp_path):
     with pytest.raises(Exception, match="not a zip archive"):
         served.predict(handle_file(str(bad)), "caption", "quick", None, None, None, None, None, "api-user-1",
                        api_name="/finetune_submit")
+
+
+def test_a_long_prefix_batched_with_normal_requests_fails_only_itself(served, tmp_path):
+    """Six users at once through the API, one with a 20,000-character prefix: five captions, one sentence."""
+    images = [make_image(tmp_path / f"b{i}.png", ("red", "green", "blue")[i % 3]) for i in range(6)]
+    prefixes = ["", "a picture of", "", "", "", "red " * 5000]
+    jobs = [served.submit([handle_file(str(p))], prefix, 3, 20, "base", ALICE, api_name="/caption")
+            for p, prefix in zip(images, prefixes)]
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(job.result(timeout=120)["data"][0][1])
+        except Exception as err:  # noqa: BLE001 - alone in its batch, the bad request raises its sentence
+            outcomes.append(f"⚠️ {err}")
+    assert all(o and not o.startswith("⚠️") for o in outcomes[:5]), outcomes
+    assert outcomes[5].startswith("⚠️") and "prefix is 19,999 characters long" in outcomes[5], outcomes[5]

@@ -41,3 +41,16 @@ def test_gpu_check_smoke(tmp_path):
     assert len(layer["captions"]) == 3 and all(layer["captions"]) and layer["indexed"] >= 8
     assert layer["by_sound"][0]["score"] > 0.99 and len(layer["labels"]) == 3
     assert job["steps"] >= 60 and job["train_samples_per_s"] > 0 and "bleu4" in job["metrics_after"]
+
+
+def test_load_bench_smoke(tmp_path):
+    """bench/load.py on a few clients for a few seconds: every request answered or refused with a sentence."""
+    env = {**os.environ, "MMDEMO_DEVICE": "cpu", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/load.py", "--clients", "4", "--seconds", "5", "--bad-share", "0.3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["lost"] == 0 and record["job"]
+    endpoints = record["endpoints"]
+    assert sum(e["requests"] for e in endpoints.values()) >= 4
+    assert all(e["bad answered"] == 0 and e["good refused"] == 0 for e in endpoints.values()), endpoints

@@ -273,3 +273,24 @@ def test_build_app_registers_the_design_api_names(tiny_models):
     demo = ui_app.build_app(UIContext(checkpoints=tiny_models, tiny=True), warm_up=False)
     names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert {"caption", "vqa", "search_audio", "classify_audio", "similar_audio"} <= names
+
+
+def test_a_full_disk_during_a_library_upload_leaves_no_partial_clip(tmp_path, tiny_models, home):
+    """The library's clip folder on a real 64 KB tmpfs: a 300 KB upload is refused with a sentence, and
+    nothing of it stays behind (a 0-byte or partial clip would pass for complete on the next upload)."""
+    import subprocess
+
+    clips = home / "library-clips"
+    clips.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(clips)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        big = make_tone(tmp_path / "up" / "long_tone.wav", 440.0, seconds=10.0)  # ~320 KB
+        small = make_tone(tmp_path / "up" / "short_tone.wav", 880.0, seconds=0.5)  # ~16 KB
+        report, _ = audio.add_clips([str(big), str(small)], checkpoint=tiny_models["retrieval"])
+        assert "Added 1 clip(s)" in report and "1 could not be used" in report
+        assert "long_tone.wav could not be stored in the library (the disk is full)" in report
+        assert sorted(p.name for p in clips.rglob("*") if p.is_file()) == ["short_tone.wav"]
+    finally:
+        subprocess.run(["umount", str(clips)], check=False)

@@ -21,7 +21,13 @@ Tab-module convention (follow it to add a tab; registering it is one line in ``m
   :mod:`mmdemo.ui.gpu` (``@gpu.task``), which adds ``@spaces.GPU`` on ZeroGPU and nothing elsewhere.
 - Checkpoints come from ``ctx.checkpoint(task)``; the "Model" row (base or one of the visitor's adapters,
   refreshed on load, tab select and its button) from :func:`mmdemo.ui.common.model_selector`, and a
-  chosen name resolves with :func:`mmdemo.ui.common.adapter_path`. Who the visitor is:
-  :func:`mmdemo.ui.common.owner_of` with ``ctx.browser_id`` (and ``gr.OAuthProfile`` on a Space).
+  chosen name resolves with :func:`mmdemo.ui.common.adapter_path` (task, name, owner), which refuses
+  adapters the owner may not use. Who the visitor is: :func:`mmdemo.ui.common.owner_of` (jobs: an id is
+  required) or :func:`mmdemo.ui.common.optional_owner` (model tabs) with ``ctx.browser_id`` as an input of
+  every public event, and ``gr.OAuthProfile`` on a Space (batched handlers: :func:`profile_of` per request).
+- A button that runs a model first runs a queued check with no outputs (``concurrency_id="check"``), then
+  the model event in ``.success``: only a queued event's ``gr.Error`` reaches the page, and an event
+  without outputs leaves the results on screen as they are when it refuses. Batched handlers serve each
+  request's failure on its own (:func:`mmdemo.ui.common.serve_isolated`).
 - Nothing heavy at import time: no model loading, no CUDA, no file writes outside handlers.
 """
