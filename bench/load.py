@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     answer = request(rng, client, kind, bad)
                     # batched with other users' requests, a refused one gets its sentence as its row
-                    refused = "⚠️" in json.dumps(answer, ensure_ascii=False)
+                    refused = "Refused: " in json.dumps(answer, ensure_ascii=False)
                     outcome = "refused" if refused else "answered"
                 except Exception as err:  # noqa: BLE001 - classified below
                     text = str(err)

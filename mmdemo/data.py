@@ -42,13 +42,22 @@ COLUMNS = {"caption": ("text",), "vqa": ("question", "answer"), "retrieval": ("t
 
 @dataclass(frozen=True)
 class Problem:
-    file: str  # path relative to the dataset root (or the archive's name)
+    file: str  # path relative to the dataset root ("" for the dataset as a whole, or the archive's name)
     row: int | None  # 1-based data row in the metadata file, when the problem is a row's
-    message: str
+    message: str  # one whole sentence that names the file (and row) and says what to do
 
     def __str__(self) -> str:
-        where = f"{self.file}, row {self.row}" if self.row is not None else self.file
-        return f"{where}: {self.message}"
+        return self.message
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 example``, ``2 examples`` (``many`` for irregular plurals)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def _and(words: list[str] | tuple[str, ...], last: str = "and") -> str:
+    words = list(words)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" {last} " + words[-1]
 
 
 @dataclass(frozen=True)
@@ -95,31 +104,35 @@ class DatasetReport:
 
     def summary(self) -> str:
         c = self.counts()
-        head = (f"{c['examples']} examples from {c['files']} files: {c['train']} to train on, {c['test']} held out "
-                f"({'from the train/ and test/ folders' if self.split == 'folders' else 'a fixed 10% split'}).")
+        split = "from the train/ and test/ folders" if self.split == "folders" else "a fixed 10% split"
+        head = (f"{plural(c['examples'], 'example')} in {plural(c['files'], 'file')}: {c['train']:,} to train on, "
+                f"{c['test']:,} held out to measure the result ({split}).") if c["examples"] else \
+            "No usable examples were found."
         if not self.problems:
             return head + " No problems found."
-        lines = [head, f"{len(self.problems)} problem(s) to fix before training:"]
+        lines = [head, f"{plural(len(self.problems), 'problem')} to fix before training:"]
         lines += [f"- {p}" for p in self.problems[:50]]
         if len(self.problems) > 50:
-            lines.append(f"- ... and {len(self.problems) - 50} more.")
+            lines.append(f"- ... and {len(self.problems) - 50:,} more.")
         return "\n".join(lines)
 
     def raise_for_problems(self) -> None:
+        """Raise ``InputError`` naming the first problems, each its own sentence."""
         if self.ok:
             return
         if not self.problems:
             raise InputError("The dataset has no usable examples; add media files and a metadata.csv.")
-        first = "; ".join(str(p) for p in self.problems[:5])
-        more = f" (and {len(self.problems) - 5} more problems)" if len(self.problems) > 5 else ""
-        raise InputError(f"The dataset cannot be used: {first}{more}.")
+        n = len(self.problems)
+        first = " ".join(str(p) for p in self.problems[:3])
+        more = f" There {'is' if n - 3 == 1 else 'are'} {plural(n - 3, 'more problem')}." if n > 3 else ""
+        raise InputError(f"The dataset cannot be used yet ({plural(n, 'problem')}): {first}{more}")
 
 
 def _read_rows(meta: Path, rel: str, problems: list[Problem]) -> list[tuple[int, dict]]:
     try:
         text = meta.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError):
-        problems.append(Problem(rel, None, "cannot be read as UTF-8 text; save it again as UTF-8."))
+        problems.append(Problem(rel, None, f"{rel} cannot be read as UTF-8 text; save it again as UTF-8."))
         return []
     rows: list[tuple[int, dict]] = []
     if meta.suffix == ".csv":
@@ -128,7 +141,7 @@ def _read_rows(meta: Path, rel: str, problems: list[Problem]) -> list[tuple[int,
             for i, row in enumerate(reader, start=1):
                 rows.append((i, {(k or "").strip().lower(): (v or "") for k, v in row.items() if k is not None}))
         except csv.Error as err:
-            problems.append(Problem(rel, None, f"is not valid CSV ({err}); export it again."))
+            problems.append(Problem(rel, None, f"{rel} is not valid CSV ({err}); export it again."))
     else:
         for i, line in enumerate(ln for ln in text.splitlines() if ln.strip()):
             try:
@@ -136,7 +149,8 @@ def _read_rows(meta: Path, rel: str, problems: list[Problem]) -> list[tuple[int,
                 if not isinstance(obj, dict):
                     raise ValueError("not an object")
             except ValueError:
-                problems.append(Problem(rel, i + 1, "is not a JSON object; write one {...} per line."))
+                problems.append(Problem(rel, i + 1, f"Line {i + 1} of {rel} is not a JSON object; write one "
+                                                    f"{{...}} per line."))
                 continue
             rows.append((i + 1, {str(k).strip().lower(): ("" if v is None else str(v)) for k, v in obj.items()}))
     return rows
@@ -179,73 +193,86 @@ def _read_split(folder: Path, root: Path, task: str, modality: str, report: Data
     meta = _metadata_file(folder)
     folder_rel = folder.relative_to(root).as_posix()
     folder_rel = "" if folder_rel == "." else folder_rel + "/"
+    needed = ("file_name", *columns)
     if meta is None:
-        cols = ",".join(("file_name", *columns))
-        problems.append(Problem(folder_rel or ".", None,
-                                f"has no metadata.csv or metadata.jsonl; add one with the columns {cols}."))
+        where = f"The {folder_rel} folder" if folder_rel else "The dataset"
+        problems.append(Problem(folder_rel, None, f"{where} has no metadata.csv or metadata.jsonl; add one whose "
+                                                  f"first line is {','.join(needed)}."))
         return []
     meta_rel = meta.relative_to(root).as_posix()
     rows = _read_rows(meta, meta_rel, problems)
     if rows:
-        present = set().union(*(r.keys() for _, r in rows))
+        found = list(dict.fromkeys(k for _, r in rows for k in r if k))
+        present = set(found)
         if "caption" in present and "text" not in present:
             rows = [(i, {**r, "text": r.get("caption", "")}) for i, r in rows]
             present.add("text")
-        missing = [c for c in ("file_name", *columns) if c not in present]
+        missing = [c for c in needed if c not in present]
         if missing:
-            problems.append(Problem(meta_rel, None, f"has no {', '.join(missing)} column; the {task} task needs "
-                                                    f"the columns {','.join(('file_name', *columns))}."))
+            has = f"the {'column' if len(found) == 1 else 'columns'} {_and(found)}" if found else "no columns"
+            problems.append(Problem(meta_rel, None, f"{meta_rel} has {has}, but the {task} task needs "
+                                                    f"{_and(needed)} (missing: {_and(missing)}); rename the columns "
+                                                    f"in its first line, or pick the task that fits the data."))
             return []
     examples: list[Example] = []
     checked: dict[Path, str | None] = {}  # file -> problem sentence (None: fine)
+    named: set[Path] = set()  # files some row names, usable or not: none of them "has no row"
     base = folder.resolve()
     for row_no, row in rows:
+        at = f"Row {row_no} of {meta_rel}"
         name = row.get("file_name", "").strip().replace("\\", "/")
         if not name:
-            problems.append(Problem(meta_rel, row_no, "has an empty file_name; name the media file of this row."))
+            problems.append(Problem(meta_rel, row_no, f"{at} has an empty file_name; write the name of its media "
+                                                      f"file, or remove the row."))
             continue
+        path = folder / name
+        named.add(path)
         values = {c: " ".join(row.get(c, "").split()) for c in columns}
         empty = [c for c, v in values.items() if not v]
         if empty:
-            problems.append(Problem(meta_rel, row_no, f"has an empty {' and '.join(empty)} for {name}; fill it in "
-                                                      f"or remove the row."))
+            problems.append(Problem(meta_rel, row_no, f"{at} ({name}) has an empty {_and(empty)}; fill it in or "
+                                                      f"remove the row."))
             continue
         long = [c for c, v in values.items() if len(v) > MAX_TEXT_CHARS]
         if long:
-            problems.append(Problem(meta_rel, row_no, f"has a {long[0]} over {MAX_TEXT_CHARS} characters; "
-                                                      f"shorten it."))
+            problems.append(Problem(meta_rel, row_no, f"{at} ({name}) has a {long[0]} of {len(values[long[0]]):,} "
+                                                      f"characters; shorten it to at most {MAX_TEXT_CHARS}."))
             continue
-        path = folder / name
         rel = folder_rel + name
         if path.is_symlink():
             checked[path] = "link"
-            problems.append(Problem(rel, row_no, "is a symbolic link; copy the real file into the dataset."))
+            problems.append(Problem(rel, row_no, f"{rel} (row {row_no} of {meta_rel}) is a symbolic link; copy "
+                                                 f"the real file into the dataset."))
             continue
         if name.startswith("/") or ".." in Path(name).parts or not path.resolve().is_relative_to(base):
-            problems.append(Problem(meta_rel, row_no, f"names {name}, which is outside the dataset folder; use a "
-                                                      f"path relative to the metadata file."))
+            problems.append(Problem(meta_rel, row_no, f"{at} names {name}, which is outside the dataset folder; "
+                                                      f"use a path relative to {meta_rel}."))
             continue
         if not path.is_file():
-            problems.append(Problem(meta_rel, row_no, f"names {name}, which is not in the dataset; add the file "
-                                                      f"or fix the name."))
+            problems.append(Problem(meta_rel, row_no, f"{at} names {name}, which is not in the dataset; add the "
+                                                      f"file or fix the name."))
             continue
         if path not in checked:
             if path.suffix.lower() not in exts:
-                checked[path] = (f"has an unsupported type ({path.suffix or 'no extension'}); use "
-                                 f"{', '.join(sorted(e.lstrip('.').upper() for e in exts))}.")
+                checked[path] = (f"{rel} (row {row_no} of {meta_rel}) has an unsupported type "
+                                 f"({path.suffix or 'no extension'}); use "
+                                 f"{_and(sorted(e.lstrip('.').upper() for e in exts), 'or')}.")
             else:
                 try:
                     _check_media(path, modality)
                     checked[path] = None
                 except MMDemoError as err:
-                    checked[path] = str(err)
+                    sentence = str(err)
+                    if sentence.startswith(path.name) and rel != path.name:
+                        sentence = rel + sentence[len(path.name):]  # the path the user knows, not only its name
+                    checked[path] = sentence
             if checked[path]:
                 problems.append(Problem(rel, row_no, checked[path]))
         if checked[path]:
             continue
         examples.append(Example(file=rel, path=path, **values))
     # media files that no row mentions: probably a forgotten row, or the wrong file uploaded
-    referenced = set(checked) | {e.path for e in examples}
+    referenced = named | set(checked)
     for p in sorted(folder.rglob("*")):
         relp = p.relative_to(root).as_posix()
         if any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts):
@@ -255,14 +282,17 @@ def _read_split(folder: Path, root: Path, task: str, modality: str, report: Data
         if p in referenced or p == meta:
             continue
         if p.is_symlink():
-            problems.append(Problem(relp, None, "is a symbolic link; links are not allowed, copy the real file."))
+            problems.append(Problem(relp, None, f"{relp} is a symbolic link; links are not allowed, copy the real "
+                                                f"file."))
             continue
         if not p.is_file():
             continue
         if p.suffix.lower() in IMAGE_EXTENSIONS | AUDIO_EXTENSIONS:
-            problems.append(Problem(relp, None, f"has no row in {meta_rel}; add a row for it or remove the file."))
+            problems.append(Problem(relp, None, f"{relp} has no row in {meta_rel}; add a row for it or remove the "
+                                                f"file."))
         elif p.suffix.lower() not in IGNORED_SUFFIXES:
-            problems.append(Problem(relp, None, f"is not a supported {kind} file; remove it from the dataset."))
+            problems.append(Problem(relp, None, f"{relp} is not a supported {kind} file; remove it from the "
+                                                f"dataset."))
     report.files += len(checked)
     return examples
 
@@ -291,12 +321,14 @@ def inspect_dataset(source: str | Path, task: str, workdir: str | Path | None = 
     source = Path(source)
     report = DatasetReport(task=task, root=None)
     if not source.exists():
-        report.problems.append(Problem(source.name, None, "does not exist; upload a zip or choose a folder."))
+        report.problems.append(Problem(source.name, None, f"{source.name} does not exist; upload a zip or choose "
+                                                          f"a folder."))
         return report
     if source.is_file():
         if source.suffix.lower() != ".zip":
-            report.problems.append(Problem(source.name, None, "is not a zip archive; zip the dataset folder "
-                                                              "(media files plus metadata.csv) and upload that."))
+            report.problems.append(Problem(source.name, None, f"{source.name} is not a zip archive; zip the dataset "
+                                                              f"folder (media files plus metadata.csv) and upload "
+                                                              f"that."))
             return report
         if workdir is None:
             raise InputError("A zip dataset needs a folder to be unpacked into (workdir).")
@@ -311,7 +343,8 @@ def inspect_dataset(source: str | Path, task: str, workdir: str | Path | None = 
             report.problems.append(Problem(source.name, None, sentence))
         root = extracted.root
     elif source.is_symlink():
-        report.problems.append(Problem(source.name, None, "is a symbolic link; give the real folder."))
+        report.problems.append(Problem(source.name, None, f"{source.name} is a symbolic link; give the real "
+                                                          f"folder."))
         return report
     else:
         root = source.resolve()
@@ -326,15 +359,15 @@ def inspect_dataset(source: str | Path, task: str, workdir: str | Path | None = 
         report.train, report.test = _held_out(examples) if len(examples) >= MIN_EXAMPLES else (examples, [])
     total = report.examples
     if total > MAX_EXAMPLES:
-        report.problems.append(Problem(".", None, f"has {total:,} examples, over the limit of {MAX_EXAMPLES:,}; "
-                                                  f"keep the {MAX_EXAMPLES:,} most useful ones."))
-    elif total < MIN_EXAMPLES:
-        report.problems.append(Problem(".", None, f"has {total} usable example(s); at least {MIN_EXAMPLES} are "
-                                                  f"needed (20 or more learn better), so add "
-                                                  f"{MIN_EXAMPLES - total} more."))
+        report.problems.append(Problem("", None, f"The dataset has {total:,} examples, over the limit of "
+                                                 f"{MAX_EXAMPLES:,}; keep the {MAX_EXAMPLES:,} most useful ones."))
+    elif total < MIN_EXAMPLES and (total or not report.problems):  # with none, the problems above say why
+        report.problems.append(Problem("", None, f"The dataset has {plural(total, 'usable example')}; at least "
+                                                 f"{MIN_EXAMPLES} are needed (20 or more learn better), so add "
+                                                 f"{MIN_EXAMPLES - total} more."))
     elif report.split == "folders" and (len(report.test) < 2 or not report.train):
-        report.problems.append(Problem("test/", None, "needs at least 2 usable examples (and train/ at least one) "
-                                                      "to measure the adapter; add more."))
+        report.problems.append(Problem("test/", None, "The test/ folder needs at least 2 usable examples (and "
+                                                      "train/ at least one) to measure the adapter; add more."))
     return report
 
 
@@ -345,4 +378,100 @@ def load_dataset(source: str | Path, task: str, workdir: str | Path | None = Non
     return report
 
 
-__all__ = ["DatasetReport", "Example", "Problem", "MIN_EXAMPLES", "MAX_EXAMPLES", "inspect_dataset", "load_dataset"]
+# ------------------------------------------------------------------------------------------ example datasets
+EXAMPLE_COLORS = ("red", "green", "blue", "yellow")
+EXAMPLE_SHAPES = ("circle", "square", "triangle")
+EXAMPLE_SOUNDS = (  # (kind, frequency in Hz, description)
+    ("sine", 220.0, "a low hum"), ("sine", 1760.0, "a high beep"), ("noise", 0.0, "rushing noise"),
+    ("sweep", 300.0, "a rising whistle"), ("pulses", 660.0, "short beeps"), ("sine", 660.0, "a steady tone"),
+)
+EXAMPLE_README = """An example dataset for mmdemo's Fine-tune tab ({task}).
+
+metadata.csv has one row per example; its first line names the columns: {columns}.
+file_name is the media file's name, relative to metadata.csv. Replace the files and rows with your own,
+zip the folder and upload the zip. Optional: put examples in train/ and test/ folders, each with its own
+metadata.csv, to choose which examples are held out to measure the result.
+"""
+
+
+def write_example_dataset(task: str, folder: str | Path) -> Path:
+    """A small valid dataset for ``task`` in ``folder``: coloured shapes (caption, VQA) or synthetic sounds.
+
+    Small on purpose (24 images of 64x64 pixels, or 18 half-second clips): it shows the layout and trains in
+    seconds; it is not meant to teach a model anything useful.
+    """
+    import numpy as np
+
+    get_task(task)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if task in ("caption", "vqa"):
+        from PIL import Image, ImageDraw
+
+        for color in EXAMPLE_COLORS:
+            for shape in EXAMPLE_SHAPES:
+                for k, (size, offset) in enumerate(((40, 8), (28, 20)) if task == "caption" else ((40, 8),)):
+                    name = f"{color}_{shape}_{k}.png"
+                    img = Image.new("RGB", (64, 64), "white")
+                    draw = ImageDraw.Draw(img)
+                    box = (offset, offset, offset + size, offset + size)
+                    if shape == "circle":
+                        draw.ellipse(box, fill=color)
+                    elif shape == "square":
+                        draw.rectangle(box, fill=color)
+                    else:
+                        draw.polygon([(offset + size // 2, offset), (offset, offset + size),
+                                      (offset + size, offset + size)], fill=color)
+                    img.save(folder / name)
+                    if task == "vqa":
+                        rows.append({"file_name": name, "question": "what color is the shape?", "answer": color})
+                        rows.append({"file_name": name, "question": "what shape is it?", "answer": shape})
+                    else:
+                        rows.append({"file_name": name, "text": f"a {'big' if k == 0 else 'small'} {color} {shape}"})
+    else:
+        import soundfile as sf
+
+        sr, seconds = 16000, 0.5
+        t = np.arange(int(sr * seconds)) / sr
+        for c, (kind, freq, text) in enumerate(EXAMPLE_SOUNDS):
+            for k in range(3):
+                f = freq * (1 + 0.04 * k)
+                if kind == "sine":
+                    wave = 0.3 * np.sin(2 * np.pi * f * t)
+                elif kind == "noise":
+                    wave = 0.2 * np.random.default_rng(c * 10 + k).standard_normal(len(t))
+                elif kind == "sweep":
+                    wave = 0.3 * np.sin(2 * np.pi * (f + 1500 * t / seconds) * t)
+                else:
+                    wave = 0.3 * np.sin(2 * np.pi * f * t) * (np.sin(2 * np.pi * 8 * t) > 0)
+                name = f"sound{c}_{k}.wav"
+                sf.write(str(folder / name), wave.astype(np.float32), sr, subtype="PCM_16")
+                rows.append({"file_name": name, "text": text})
+    columns = list(rows[0])
+    with (folder / "metadata.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "README.txt").write_text(EXAMPLE_README.format(task=task, columns=",".join(columns)))
+    return folder
+
+
+def example_zip(task: str, dest_dir: str | Path) -> Path:
+    """``dest_dir/<task>-example.zip``, written once: the example dataset as a user uploads it."""
+    dest_dir = Path(dest_dir)
+    target = dest_dir / f"{task}-example.zip"
+    if target.is_file():
+        return target
+    import tempfile
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+        folder = write_example_dataset(task, Path(tmp) / f"{task}-example")
+        made = shutil.make_archive(str(Path(tmp) / target.stem), "zip", root_dir=folder.parent, base_dir=folder.name)
+        Path(made).replace(target)
+    return target
+
+
+__all__ = ["DatasetReport", "Example", "Problem", "MIN_EXAMPLES", "MAX_EXAMPLES", "example_zip", "inspect_dataset",
+           "load_dataset", "plural", "write_example_dataset"]

@@ -109,12 +109,14 @@ def test_finetune_submit_status_and_cancel(served, tmp_path):
 
     data = make_shapes_dataset(tmp_path / "data", "caption", per_class=1)
     archive = shutil.make_archive(str(tmp_path / "shapes"), "zip", root_dir=data)
+    # the last two (optional) inputs: the adapter's name and the minimum number of steps
     job_id = served.predict(handle_file(archive), "caption", "quick", 1, None, None, None, None, "api-user-1",
-                            api_name="/finetune_submit")
+                            "api-shapes", 30, api_name="/finetune_submit")
     assert isinstance(job_id, str) and job_id
     record = served.predict(job_id, "api-user-1", api_name="/job_status")
-    assert record["id"] == job_id and record["task"] == "caption"
+    assert record["id"] == job_id and record["task"] == "caption" and record["label"] == "api-shapes"
     assert record["state"] in {"queued", "running", "succeeded"} and record["config"]["epochs"] == 1
+    assert record["config"]["min_steps"] == 30 and record["plan"]["steps"] == 30
     with pytest.raises(Exception, match="job"):
         served.predict(job_id, "api-user-2", api_name="/job_status")
     cancelled = served.predict(job_id, "api-user-1", api_name="/job_cancel")
@@ -130,7 +132,7 @@ def test_finetune_submit_status_and_cancel(served, tmp_path):
     bad.write_text("not a zip")
     with pytest.raises(Exception, match="not a zip archive"):
         served.predict(handle_file(str(bad)), "caption", "quick", None, None, None, None, None, "api-user-1",
-                       api_name="/finetune_submit")
+                       "", None, api_name="/finetune_submit")
 
 
 def test_a_long_prefix_batched_with_normal_requests_fails_only_itself(served, tmp_path):
@@ -144,6 +146,6 @@ def test_a_long_prefix_batched_with_normal_requests_fails_only_itself(served, tm
         try:
             outcomes.append(job.result(timeout=120)["data"][0][1])
         except Exception as err:  # noqa: BLE001 - alone in its batch, the bad request raises its sentence
-            outcomes.append(f"⚠️ {err}")
-    assert all(o and not o.startswith("⚠️") for o in outcomes[:5]), outcomes
-    assert outcomes[5].startswith("⚠️") and "prefix is 19,999 characters long" in outcomes[5], outcomes[5]
+            outcomes.append(f"Refused: {err}")
+    assert all(o and not o.startswith("Refused:") for o in outcomes[:5]), outcomes
+    assert outcomes[5].startswith("Refused:") and "prefix is 19,999 characters long" in outcomes[5], outcomes[5]

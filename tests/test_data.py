@@ -64,24 +64,32 @@ def test_every_problem_is_reported_with_file_and_row(tmp_path):
     report = inspect_dataset(root, "caption")
     text = _messages(report)
     assert not report.ok
-    assert "metadata.csv, row 13: names missing.png, which is not in the dataset" in text
-    assert "row 14: has an empty text" in text
-    assert "broken.png, row 15: broken.png is not an image format that can be read" in text
-    assert "row 16: names ../outside.png, which is outside the dataset folder" in text
-    assert "row 17: has an empty file_name" in text
-    assert "stray.png: has no row in metadata.csv" in text
-    assert "notes.exe: is not a supported image file" in text
+    assert "Row 13 of metadata.csv names missing.png, which is not in the dataset; add the file" in text
+    assert "Row 14 of metadata.csv (red_circle_0.png) has an empty text; fill it in or remove the row." in text
+    assert "broken.png is not an image format that can be read" in text
+    assert "Row 16 of metadata.csv names ../outside.png, which is outside the dataset folder" in text
+    assert "Row 17 of metadata.csv has an empty file_name" in text
+    assert "stray.png has no row in metadata.csv; add a row for it or remove the file." in text
+    assert "notes.exe is not a supported image file" in text
     assert "a.gif.txt" not in text
-    with pytest.raises(InputError, match="cannot be used: .*missing.png"):
+    assert "red_circle_0.png has no row" not in text  # its row is there, with an empty text: said once
+    assert "7 problems to fix before training:" in report.summary()
+    with pytest.raises(InputError) as exc:
         load_dataset(root, "caption")
+    said = str(exc.value)
+    assert said.startswith("The dataset cannot be used yet (7 problems): Row 13 of metadata.csv names missing.png")
+    assert said.endswith("There are 4 more problems.") and ".;" not in said and ".." not in said, said
 
 
 def test_wrong_columns_missing_metadata_and_unsupported_media(tmp_path):
     root = make_shapes_dataset(tmp_path / "ds", "caption", per_class=1)
     report = inspect_dataset(root, "vqa")
-    assert "has no question, answer column" in _messages(report)
+    assert _messages(report) == ("metadata.csv has the columns file_name and text, but the vqa task needs file_name, "
+                                 "question and answer (missing: question and answer); rename the columns in its "
+                                 "first line, or pick the task that fits the data.")  # and not "0 examples" too
     (root / "metadata.csv").unlink()
-    assert "has no metadata.csv or metadata.jsonl" in _messages(inspect_dataset(root, "caption"))
+    assert _messages(inspect_dataset(root, "caption")).startswith(
+        "The dataset has no metadata.csv or metadata.jsonl; add one whose first line is file_name,text.")
     sounds = make_sounds_dataset(tmp_path / "snd", per_class=2, seconds=0.2)
     make_tone(sounds / "odd.aiff", seconds=0.2, fmt="AIFF")
     with (sounds / "metadata.csv").open("a") as fh:
@@ -90,8 +98,8 @@ def test_wrong_columns_missing_metadata_and_unsupported_media(tmp_path):
     with (sounds / "metadata.csv").open("a") as fh:
         fh.write("fake.wav,some text\n")
     text = _messages(inspect_dataset(sounds, "retrieval"))
-    assert "odd.aiff, row 13: has an unsupported type (.aiff)" in text
-    assert "fake.wav, row 14:" in text and "not audio" in text
+    assert "odd.aiff (row 13 of metadata.csv) has an unsupported type (.aiff); use FLAC, MP3, OGA, OGG or WAV." in text
+    assert "fake.wav is a text file, not audio" in text
 
 
 def test_too_few_and_too_many_examples_say_how_many(tmp_path, monkeypatch):
@@ -100,10 +108,10 @@ def test_too_few_and_too_many_examples_say_how_many(tmp_path, monkeypatch):
         make_image(root / f"{i}.png")
     (root / "metadata.csv").write_text("file_name,text\n" + "".join(f"{i}.png,a red circle\n" for i in range(3)))
     text = _messages(inspect_dataset(root, "caption"))
-    assert "has 3 usable example(s); at least 10 are needed" in text and "add 7 more" in text
+    assert "The dataset has 3 usable examples; at least 10 are needed" in text and "add 7 more" in text
     monkeypatch.setattr(data, "MAX_EXAMPLES", 20)
     many = make_shapes_dataset(tmp_path / "many", "caption", per_class=2)
-    assert "has 24 examples, over the limit of 20" in _messages(inspect_dataset(many, "caption"))
+    assert "The dataset has 24 examples, over the limit of 20" in _messages(inspect_dataset(many, "caption"))
 
 
 def _zip_folder(folder, out, extra=()):
@@ -123,7 +131,7 @@ def test_zip_with_a_folder_inside_and_zip_slip_and_symlink_entries(tmp_path):
                                                       (link, "/etc/passwd")])
     report = inspect_dataset(archive, "caption", tmp_path / "work")
     text = _messages(report)
-    assert "up.zip: ../../evil.png points outside the archive's folder (a zip-slip entry)" in text
+    assert "../../evil.png points outside the archive's folder (a zip-slip entry)" in text
     assert "link.png is a symbolic link" in text
     assert not (tmp_path / "evil.png").exists() and report.examples == 12
     clean = _zip_folder(root, tmp_path / "clean.zip")
@@ -150,13 +158,25 @@ def test_symlinks_in_a_folder_are_refused(tmp_path):
     os.symlink(secret, root / "linked.png")
     with (root / "metadata.csv").open("a") as fh:
         fh.write("linked.png,a red circle\n")
-    assert "linked.png, row 13: is a symbolic link" in _messages(inspect_dataset(root, "caption"))
+    assert "linked.png (row 13 of metadata.csv) is a symbolic link" in _messages(inspect_dataset(root, "caption"))
 
 
 def test_not_a_zip_and_missing_source(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
-    assert "is not a zip archive" in _messages(inspect_dataset(tmp_path / "x.txt", "caption"))
-    assert "does not exist" in _messages(inspect_dataset(tmp_path / "nope", "caption"))
+    assert "x.txt is not a zip archive" in _messages(inspect_dataset(tmp_path / "x.txt", "caption"))
+    assert "nope does not exist" in _messages(inspect_dataset(tmp_path / "nope", "caption"))
     fake = tmp_path / "fake.zip"
     fake.write_bytes(io.BytesIO(b"not a zip").getvalue())
     assert "is not a zip archive" in _messages(inspect_dataset(fake, "caption", tmp_path / "w"))
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa", "retrieval"])
+def test_example_datasets_are_small_and_valid(tmp_path, task):
+    archive = data.example_zip(task, tmp_path)
+    assert archive.name == f"{task}-example.zip" and archive.stat().st_size < 400_000
+    assert data.example_zip(task, tmp_path) == archive  # made once
+    report = inspect_dataset(archive, task, tmp_path / "work")
+    assert report.ok, report.summary()
+    assert report.examples >= 18 and len(report.test) >= 2
+    with zipfile.ZipFile(archive) as zf:
+        assert f"{task}-example/README.txt" in zf.namelist()

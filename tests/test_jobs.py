@@ -52,11 +52,38 @@ def test_submit_positions_owners_and_cancelling_a_queued_job(home, data, tiny_mo
     assert jobs.get(b1.id, "bob").position == 1
     with pytest.raises(JobError, match="already cancelled"):
         jobs.cancel(a1.id, "alice")
-    assert [e["phase"] for e in jobs.events(a1.id, owner="alice")][-1] == "cancelling"
+    last = jobs.events(a1.id, owner="alice")[-1]
+    assert last["phase"] == "cancelled" and last["message"].startswith("Cancelled while waiting in the queue")
+    # the adapters the jobs will make have readable names, unique per owner; folders stay unique on disk
+    names = [jobs.get(j.id, o).display_name for j, o in ((a1, "alice"), (a2, "alice"), (b1, "bob"))]
+    assert names == ["data-caption", "data-caption-2", "data-caption"]
+    assert a2.name == f"caption-{a2.id}" and a2.plan["steps"] == 150 and a2.plan["train_examples"] == 10
+
+
+def test_a_duplicate_of_a_waiting_or_running_job_is_refused(home, data, tiny_models):
+    """Same owner, data, task, model and settings while the first waits or runs: refused, even in a race."""
+    kw = dict(model=tiny_models["caption"], **FAST)
+    first = jobs.submit("caption", data, owner="alice", **kw)
+    with pytest.raises(JobError, match=f"You already have this job waiting in the queue \\(job {first.id}, adapter "
+                                       f"“data-caption”\\): the same dataset, task and settings"):
+        jobs.submit("caption", data, owner="alice", **kw)
+    racing = Job(**{**first.__dict__, "id": "x2", "name": "caption-x2", "label": "other", "position": None})
+    with pytest.raises(JobError, match="You already have this job"):
+        get_queue().add(racing)  # past the early check: the insert's transaction refuses it
+    assert jobs.submit("caption", data, owner="bob", **kw).state == "queued"  # another owner may
+    assert jobs.submit("caption", data, owner="alice", **{**kw, "epochs": 2}).state == "queued"  # other settings
+    with pytest.raises(InputError, match="will already make an adapter called “data-caption”"):
+        jobs.submit("caption", data, owner="alice", name="data-caption", **{**kw, "epochs": 3})
+    get_queue().claim(1)  # running: still a duplicate
+    with pytest.raises(JobError, match="You already have this job running"):
+        jobs.submit("caption", data, owner="alice", **kw)
+    jobs.cancel(first.id, "alice")  # being stopped: it may be submitted again at once, name and all
+    again = jobs.submit("caption", data, owner="alice", name="data-caption", **kw)
+    assert again.state == "queued" and again.display_name == "data-caption"
 
 
 def test_submit_refuses_bad_data_and_bad_settings(home, data):
-    with pytest.raises(InputError, match="learning rate must be between"):
+    with pytest.raises(InputError, match="learning rate must be more than 0 and at most 0.1"):
         jobs.submit("caption", data, owner="alice", learning_rate=5)
     with pytest.raises(InputError, match="Unknown preset"):
         jobs.submit("caption", data, owner="alice", preset="fastest")
@@ -82,21 +109,21 @@ def test_failures_read_as_causes_with_a_fix():
 
 
 def test_submit_refuses_a_fourth_waiting_job_of_one_user(home, data, tiny_models, monkeypatch):
-    kw = dict(model=tiny_models["caption"], **FAST)
-    first = [jobs.submit("caption", data, owner="alice", **kw) for _ in range(3)]
+    kw = dict(model=tiny_models["caption"], learning_rate=1e-3, batch_size=8)
+    first = [jobs.submit("caption", data, owner="alice", epochs=e, **kw) for e in (1, 2, 3)]  # not duplicates
     get_queue().claim(1)  # one of them running: still counts
     with pytest.raises(JobError) as exc:
-        jobs.submit("caption", data, owner="alice", **kw)
+        jobs.submit("caption", data, owner="alice", epochs=4, **kw)
     assert str(exc.value) == ("You already have 3 jobs waiting or running; wait for one to finish or cancel one, "
                               "then submit again.")
     assert len(jobs.list_jobs("alice")) == 3 and len(list((home / "runs").iterdir())) == 3  # nothing left behind
-    assert jobs.submit("caption", data, owner="bob", **kw).state == "queued"  # the limit is per user
+    assert jobs.submit("caption", data, owner="bob", epochs=1, **kw).state == "queued"  # the limit is per user
     jobs.cancel(first[-1].id, "alice")
-    assert jobs.submit("caption", data, owner="alice", **kw).state == "queued"
+    assert jobs.submit("caption", data, owner="alice", epochs=4, **kw).state == "queued"
 
     monkeypatch.setenv("MMDEMO_MAX_QUEUED_JOBS", "1")
     with pytest.raises(JobError, match="^You already have 1 job waiting or running;"):
-        jobs.submit("caption", data, owner="bob", **kw)
+        jobs.submit("caption", data, owner="bob", epochs=2, **kw)
     monkeypatch.setenv("MMDEMO_MAX_QUEUED_JOBS", "0")
     with pytest.raises(InputError, match="MMDEMO_MAX_QUEUED_JOBS must be 1 or more"):
         jobs.submit("caption", data, owner="carol", **kw)
@@ -208,14 +235,17 @@ def test_worker_runs_a_job_and_cancel_stops_a_running_one(home, data, tiny_model
         assert job.state == "succeeded", (job.error, queue.log_tail(done.id))
         assert set(job.result["metrics_after"]) == {"bleu4", "cider"} and job.result["examples"]
         adapters = jobs.list_adapters("caption", "alice")
-        assert [a["name"] for a in adapters] == [job.name] and adapters[0]["owner"] == "alice"
+        assert [a["folder"] for a in adapters] == [job.name] and adapters[0]["owner"] == "alice"
+        assert adapters[0]["name"] == job.display_name == "data-caption"
+        assert (job.phase, job.step, job.total) == ("finished", 5, 5)  # what it trained, not "saving 1/1"
         assert jobs.list_adapters("caption", "bob") == []
         zipped = jobs.zip_adapter(job.name, "alice", home / "dl")
         assert zipped.is_file()
         with pytest.raises(JobError):
             jobs.zip_adapter(job.name, "bob")
         phases = {e["phase"] for e in jobs.events(done.id)}
-        assert {"queued", "validating", "loading model", "training", "evaluating", "saving", "succeeded"} <= phases
+        assert {"queued", "starting", "validating", "loading model", "training", "evaluating", "saving",
+                "succeeded"} <= phases
         assert "step=" in jobs.log_tail(done.id)
 
         running = _wait(lambda: (j := queue.get(long.id)).phase == "training" and j.step and j, timeout=120)

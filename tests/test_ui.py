@@ -103,7 +103,7 @@ def test_caption_batch_groups_requests_and_isolates_bad_ones(tmp_path, tiny_mode
     red, blue = make_image(tmp_path / "red.png"), make_image(tmp_path / "blue.png", "blue", "square")
     bad = tmp_path / "notes.png"
     bad.write_text("not an image at all")
-    (rows,) = caption.caption_batch([[str(red), str(blue)], [str(bad)], [str(red)]], ["", "", "a picture of"],
+    rows, _ = caption.caption_batch([[str(red), str(blue)], [str(bad)], [str(red)]], ["", "", "a picture of"],
                                     [3, 3, 3], [8, 8, 8], ["base"] * 3, checkpoint=tiny_models["caption"])
     assert [r[0] for r in rows[0]] == ["red.png", "blue.png"] and all(r[1] for r in rows[0])
     assert "text file" in rows[1][0][1]
@@ -117,18 +117,18 @@ def test_one_users_oversized_request_fails_only_itself(tmp_path, tiny_models, ho
     requests: the five get captions, the bad one its sentence."""
     images = [make_image(tmp_path / f"{c}.png", c) for c in ("red", "green", "blue", "black", "yellow", "purple")]
     prompts = ["", "", "a picture of", "", "", "red " * 5000]
-    (rows,) = caption.caption_batch([[str(p)] for p in images], prompts, [3] * 6, [8] * 6, ["base"] * 6,
+    rows, _ = caption.caption_batch([[str(p)] for p in images], prompts, [3] * 6, [8] * 6, ["base"] * 6,
                                     checkpoint=tiny_models["caption"])
-    assert all(len(r) == 1 and r[0][0].endswith(".png") and not r[0][1].startswith("⚠️") for r in rows[:5])
+    assert all(len(r) == 1 and r[0][0].endswith(".png") and not r[0][1].startswith("Refused:") for r in rows[:5])
     assert "prefix is 19,999 characters long" in rows[5][0][1]  # stripped of its trailing space
-    (rows,) = caption.caption_batch([[str(images[0])], [str(images[1])]], ["", "red " * 70], [3, 3], [8, 100],
+    rows, _ = caption.caption_batch([[str(images[0])], [str(images[1])]], ["", "red " * 70], [3, 3], [8, 100],
                                     ["base", "base"], checkpoint=tiny_models["caption"])
-    assert not rows[0][0][1].startswith("⚠️") and "tokens" in rows[1][0][1]
+    assert not rows[0][0][1].startswith("Refused:") and "tokens" in rows[1][0][1]
     with pytest.raises(InputError, match="Max new tokens can be at most 63"):  # the slider's maximum, alone
         caption.caption_batch([[str(images[0])]], [""], [3], [100], ["base"], checkpoint=tiny_models["caption"])
 
     long_question = "what " * 80
-    (rows,) = vqa.vqa_batch([str(images[0])] * 3, ["what color?", long_question, "what shape?"], [1] * 3, [5] * 3,
+    rows, _ = vqa.vqa_batch([str(images[0])] * 3, ["what color?", long_question, "what shape?"], [1] * 3, [5] * 3,
                             ["base"] * 3, checkpoint=tiny_models["vqa"])
     assert rows[0][0][0] == "what color?" and rows[2][0][0] == "what shape?"
     assert "question is 82 tokens long" in rows[1][0][1]
@@ -149,18 +149,18 @@ def test_a_batch_the_model_fails_on_is_served_one_by_one(tmp_path, tiny_models, 
         return real(paths, *args, **kwargs)
 
     monkeypatch.setattr(caption.caption_model, "caption", fragile)
-    (rows,) = caption.caption_batch([[str(p)] for p in images], [""] * 3, [3] * 3, [8] * 3, ["base"] * 3,
+    rows, _ = caption.caption_batch([[str(p)] for p in images], [""] * 3, [3] * 3, [8] * 3, ["base"] * 3,
                                     checkpoint=tiny_models["caption"])
     assert calls == [3, 1, 1, 1]  # one batched call, then one call per request
-    assert not rows[0][0][1].startswith("⚠️") and not rows[2][0][1].startswith("⚠️")
-    assert rows[1][0][1].startswith("⚠️ The model could not caption this request (RuntimeError)")
+    assert not rows[0][0][1].startswith("Refused:") and not rows[2][0][1].startswith("Refused:")
+    assert rows[1][0][1].startswith("Refused: The model could not caption this request (RuntimeError)")
     with pytest.raises(MMDemoError, match="could not caption this request"):
         caption.caption_batch([[str(images[1])]], [""], [3], [8], ["base"], checkpoint=tiny_models["caption"])
 
 
 def test_vqa_batch_answers_every_question(tmp_path, tiny_models, home):
     img = make_image(tmp_path / "img.png")
-    (rows,) = vqa.vqa_batch([str(img), str(img)], ["what color?\nhow many shapes?", "what shape?"], [1, 1],
+    rows, _ = vqa.vqa_batch([str(img), str(img)], ["what color?\nhow many shapes?", "what shape?"], [1, 1],
                             [5, 5], ["base", "base"], checkpoint=tiny_models["vqa"])
     assert [r[0] for r in rows[0]] == ["what color?", "how many shapes?"] and len(rows[1]) == 1
     with pytest.raises(InputError, match="at least one question"):
@@ -169,7 +169,7 @@ def test_vqa_batch_answers_every_question(tmp_path, tiny_models, home):
 
 def test_audio_library_search_and_uploads(tmp_path, tiny_models, home):
     ck = tiny_models["retrieval"]
-    rows, plot, paths = audio.search_audio("a high beep", 3, checkpoint=ck)
+    rows, plot, paths, _info = audio.search_audio("a high beep", 3, checkpoint=ck)
     assert len(rows) == 3 and list(plot.columns) == ["item", "score"] and all(p.endswith(".wav") for p in paths)
     n_bundled = len(audio.library_rows(ck))
     assert n_bundled == len(audio.bundled_clips())
@@ -182,17 +182,17 @@ def test_audio_library_search_and_uploads(tmp_path, tiny_models, home):
         zf.write(make_tone(tmp_path / "z" / "noise.wav", kind="noise"), "clips/noise.wav")
         zf.writestr("clips/readme.txt", "hello")
     report, library = audio.add_clips([str(tone), str(junk), str(archive)], checkpoint=ck)
-    assert "Added 2 clip(s)" in report and "2 could not be used" in report
+    assert "Added 2 clips." in report and "2 files could not be used" in report
     assert "junk.wav is a text file" in report and "readme.txt" in report
     assert len(library) == n_bundled + 2
     stored = sorted(p.name for p in (home / "library-clips").rglob("*.wav"))
     assert stored == ["noise.wav", "tone.wav"]  # the bad file was reported, not kept
     report, _ = audio.add_clips([str(tone)], checkpoint=ck)
-    assert "Added 0" in report and "1 already in the library" in report
+    assert "Added 0 clips." in report and "1 clip was already in the library" in report
 
-    label_rows, _ = audio.classify_audio(str(tone), "beep, rain\nsiren", 2, checkpoint=ck)
+    label_rows, _, _ = audio.classify_audio(str(tone), "beep, rain\nsiren", 2, checkpoint=ck)
     assert len(label_rows) == 2 and {r[1] for r in label_rows} <= {"beep", "rain", "siren"}
-    similar, paths = audio.similar_audio(str(tone), 1, checkpoint=ck)
+    similar, paths, _ = audio.similar_audio(str(tone), 1, checkpoint=ck)
     assert similar[0][1].endswith("tone.wav") and similar[0][2] == pytest.approx(1.0, abs=1e-3)
     updates = audio.players(similar, paths)
     assert updates[0]["visible"] and not updates[1]["visible"]
@@ -224,7 +224,7 @@ def test_audio_search_with_a_retrieval_adapter(tmp_path, tiny_models, home, monk
     n = len(audio.bundled_clips())
     tone = make_tone(tmp_path / "up" / "tone.wav", 660.0)
     audio.add_clips([str(tone)], checkpoint=ck)  # joins the base library before the adapter's is made
-    base_rows, _, base_paths = audio.search_audio("a high beep", n + 1, "base", checkpoint=ck)
+    base_rows, _, base_paths, _ = audio.search_audio("a high beep", n + 1, "base", checkpoint=ck)
 
     embedded: list[int] = []
     waveforms = Embedder.waveforms
@@ -234,29 +234,30 @@ def test_audio_search_with_a_retrieval_adapter(tmp_path, tiny_models, home, monk
         return waveforms(self, clips)
 
     monkeypatch.setattr(Embedder, "waveforms", counting)
-    rows, plot, paths = audio.search_audio("a high beep", n + 1, name, A, checkpoint=ck)
+    rows, plot, paths, info = audio.search_audio("a high beep", n + 1, name, A, checkpoint=ck)
     assert sum(embedded) == n + 1  # the adapter's library was filled from the base library, once
     assert sorted(paths) == sorted(base_paths) and len(paths) == n + 1  # the same clips...
     base_scores = {r[1]: r[2] for r in base_rows}
     scores = {r[1]: r[2] for r in rows}
     assert scores != base_scores  # ...scored by the adapter
     assert list(plot.columns) == ["item", "score"] and len(plot) == n + 1
+    assert f"adapter {name}" in info and str(home) not in info
     adapter_dir = audio.index_dir(ck, str(home / "adapters" / name))
     assert adapter_dir.parent == audio.index_dir(ck).parent and adapter_dir != audio.index_dir(ck)
 
     embedded.clear()
     audio._INDEXES.clear()  # as after a restart: the adapter's library is read back from disk
-    again, _, _ = audio.search_audio("a high beep", n + 1, name, A, checkpoint=ck)
+    again, _, _, _ = audio.search_audio("a high beep", n + 1, name, A, checkpoint=ck)
     assert embedded == [] and again == rows
 
     later = make_tone(tmp_path / "up" / "later.wav", 330.0, kind="square")
     audio.add_clips([str(later)], checkpoint=ck)
     embedded.clear()
-    similar, similar_paths = audio.similar_audio(str(later), 1, name, A, checkpoint=ck)
+    similar, similar_paths, _ = audio.similar_audio(str(later), 1, name, A, checkpoint=ck)
     assert embedded == [1, 1]  # the new clip topped up the adapter's library, then the query itself
     assert similar[0][1] == "later.wav" and similar[0][2] == pytest.approx(1.0, abs=1e-3)
-    base_labels, _ = audio.classify_audio(str(tone), "beep, rain, siren", 3, "base", checkpoint=ck)
-    labels, _ = audio.classify_audio(str(tone), "beep, rain, siren", 3, name, A, checkpoint=ck)
+    base_labels, _, _ = audio.classify_audio(str(tone), "beep, rain, siren", 3, "base", checkpoint=ck)
+    labels, _, _ = audio.classify_audio(str(tone), "beep, rain, siren", 3, name, A, checkpoint=ck)
     assert {r[1] for r in labels} == {"beep", "rain", "siren"}
     assert {r[1]: r[2] for r in labels} != {r[1]: r[2] for r in base_labels}
     with pytest.raises(MMDemoError, match="no adapter called"):
@@ -289,7 +290,7 @@ def test_a_full_disk_during_a_library_upload_leaves_no_partial_clip(tmp_path, ti
         big = make_tone(tmp_path / "up" / "long_tone.wav", 440.0, seconds=10.0)  # ~320 KB
         small = make_tone(tmp_path / "up" / "short_tone.wav", 880.0, seconds=0.5)  # ~16 KB
         report, _ = audio.add_clips([str(big), str(small)], checkpoint=tiny_models["retrieval"])
-        assert "Added 1 clip(s)" in report and "1 could not be used" in report
+        assert "Added 1 clip." in report and "1 file could not be used" in report
         assert "long_tone.wav could not be stored in the library (the disk is full)" in report
         assert sorted(p.name for p in clips.rglob("*") if p.is_file()) == ["short_tone.wav"]
     finally:

@@ -36,7 +36,9 @@ def cmd_finetune(args) -> int:
     if not report.ok:
         for problem in report.problems:
             print(f"error: {problem}", file=sys.stderr)
-        raise InputError(f"The dataset has {len(report.problems)} problem(s), listed above; fix them and run again.")
+        n = len(report.problems)
+        raise InputError(f"The dataset has {n} {'problem' if n == 1 else 'problems'}, listed above; fix them and "
+                         f"run again.")
     bars: dict[str, tqdm] = {}
 
     def progress(p: Progress) -> None:
@@ -49,7 +51,8 @@ def cmd_finetune(args) -> int:
                 bar.set_postfix(loss=f"{p.loss:.4f}", refresh=False)
             bar.refresh()
         if p.message and p.phase != "validating":
-            print(f"[{p.phase}] {p.message}", file=sys.stderr, flush=True)
+            scores = f" {json.dumps(p.metrics)}" if p.metrics else ""
+            print(f"[{p.phase}] {p.message}{scores}", file=sys.stderr, flush=True)
 
     result = finetune(args.task, report.root, out, model=args.model, config=config, workdir=workdir,
                       progress=progress, device=args.device)

@@ -8,6 +8,11 @@ Metrics (the registry's ``Task.metrics``):
   few lines rather than pulling in pycocoevalcap and Java;
 - vqa: normalised exact-match accuracy (lower case, no punctuation or articles, number words as digits);
 - retrieval: recall@1 and @5 text->audio and audio->text (a hit is any clip/text with the same description).
+
+Captions and answers are decoded with the tabs' own defaults (``CAPTION_DEFAULTS``, ``VQA_DEFAULTS``), one image
+at a time as a visitor sends it, so the held-out table shows what the Caption and Visual QA tabs give with the
+adapter. Each held-out example also gets its own score, so :func:`compare` can say on how many examples the
+adapter came closer to the reference than the base model; :data:`METRICS` and :func:`verdict` say it in words.
 """
 
 from __future__ import annotations
@@ -16,14 +21,40 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from mmdemo.data import Example
-from mmdemo.models.generation import GenerationOptions
+from mmdemo.models.generation import CAPTION_DEFAULTS, VQA_DEFAULTS
 
-CAPTION_EVAL = GenerationOptions(num_beams=1, max_new_tokens=24, min_new_tokens=1)
-VQA_EVAL = GenerationOptions(num_beams=1, max_new_tokens=8, min_new_tokens=1)
+CAPTION_EVAL = CAPTION_DEFAULTS  # the Caption tab's defaults: the table shows what the tab gives
+VQA_EVAL = VQA_DEFAULTS
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str  # how the page and the model card name it
+    meaning: str  # one line for people who do not program
+    percent: bool = False  # a share from 0 to 1, shown as a percentage
+
+
+METRICS: dict[str, Metric] = {
+    "bleu4": Metric("BLEU-4", "how many runs of 1 to 4 words the captions share with the reference captions, "
+                              "from 0 to 1; higher is better."),
+    "cider": Metric("CIDEr", "how closely the captions match the references, counting words that are specific to "
+                             "each image more than common ones, from 0 to 10; higher is better."),
+    "accuracy": Metric("Accuracy", "the share of held-out questions answered exactly right (ignoring case, "
+                                   "punctuation and a/an/the); higher is better.", percent=True),
+    "text_to_audio_r1": Metric("Recall@1, text to audio", "for each description, how often its own clip comes "
+                                                          "first in the search; higher is better.", percent=True),
+    "text_to_audio_r5": Metric("Recall@5, text to audio", "for each description, how often its own clip is "
+                                                          "among the top 5; higher is better.", percent=True),
+    "audio_to_text_r1": Metric("Recall@1, audio to text", "for each clip, how often its own description comes "
+                                                          "first; higher is better.", percent=True),
+    "audio_to_text_r5": Metric("Recall@5, audio to text", "for each clip, how often its own description is among "
+                                                          "the top 5; higher is better.", percent=True),
+}
 
 _PUNCT = re.compile(r"[^\w\s]")
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -120,27 +151,35 @@ def recall_at_k(text_emb: np.ndarray, audio_emb: np.ndarray, texts: Sequence[str
     return out
 
 
-def evaluate(task: str, loaded, examples: Sequence[Example], adapter=None, show: int = 4) -> tuple[dict, list[dict]]:
-    """Metrics on ``examples`` and the first ``show`` outputs, through the tabs' own inference functions."""
+def evaluate(task: str, loaded, examples: Sequence[Example], adapter=None,
+             show: int | None = 4) -> tuple[dict, list[dict]]:
+    """Metrics on ``examples`` and the first ``show`` outputs (all with ``None``), through the tabs' functions.
+
+    Each sample is ``{"file", ["question"], "reference", "output", "score"}``; ``score`` is that example's own
+    closeness to its reference (sentence BLEU-4 for captions, 1 or 0 for an answer or a retrieved text).
+    """
     if task == "caption":
         from mmdemo.models.caption import caption
 
         files = list(dict.fromkeys(e.file for e in examples))
         path = {e.file: e.path for e in examples}
         refs = {f: [e.text for e in examples if e.file == f] for f in files}
-        outputs = caption([path[f] for f in files], options=CAPTION_EVAL, adapter=adapter, model=loaded)
+        # one image per call, as the Caption tab sends one: batching may change the last digits of the logits
+        outputs = [caption([path[f]], options=CAPTION_EVAL, adapter=adapter, model=loaded)[0] for f in files]
         metrics = {"bleu4": round(bleu4(outputs, [refs[f] for f in files]), 4),
                    "cider": round(cider(outputs, [refs[f] for f in files]), 4)}
-        samples = [{"file": f, "reference": refs[f][0], "output": o} for f, o in zip(files, outputs)]
+        samples = [{"file": f, "reference": refs[f][0], "output": o, "score": round(bleu4([o], [refs[f]]), 4)}
+                   for f, o in zip(files, outputs)]
     elif task == "vqa":
         from mmdemo.media import load_image
         from mmdemo.models.vqa import answer_pairs
 
         images = {e.file: load_image(e.path) for e in examples}  # one object per file: encoded once
-        outputs = answer_pairs([(images[e.file], e.question) for e in examples], options=VQA_EVAL,
-                               adapter=adapter, model=loaded)
+        outputs = [answer_pairs([(images[e.file], e.question)], options=VQA_EVAL, adapter=adapter, model=loaded)[0]
+                   for e in examples]
         metrics = {"accuracy": round(vqa_accuracy(outputs, [[e.answer] for e in examples]), 4)}
-        samples = [{"file": e.file, "question": e.question, "reference": e.answer, "output": o}
+        samples = [{"file": e.file, "question": e.question, "reference": e.answer, "output": o,
+                    "score": float(normalize_answer(o) == normalize_answer(e.answer))}
                    for e, o in zip(examples, outputs)]
     elif task == "retrieval":
         from mmdemo.models.retrieval import Embedder
@@ -152,7 +191,41 @@ def evaluate(task: str, loaded, examples: Sequence[Example], adapter=None, show:
         metrics = {k: round(v, 4) for k, v in recall_at_k(text, audio, texts).items()}
         unique = list(dict.fromkeys(texts))
         best = (np.stack([text[texts.index(t)] for t in unique]) @ audio.T).argmax(axis=0)
-        samples = [{"file": e.file, "reference": e.text, "output": unique[b]} for e, b in zip(examples, best)]
+        samples = [{"file": e.file, "reference": e.text, "output": unique[b], "score": float(unique[b] == e.text)}
+                   for e, b in zip(examples, best)]
     else:  # pragma: no cover - the registry refuses unknown tasks first
         raise ValueError(task)
-    return metrics, samples[:show]
+    return metrics, samples if show is None else samples[:show]
+
+
+def compare(task: str, before: Sequence[dict], after: Sequence[dict]) -> dict:
+    """How the adapter did against the base model, example by example (samples from :func:`evaluate`).
+
+    ``better``/``worse``/``same``: examples whose own score rose, fell or stayed; ``base_right``/``adapter_right``:
+    examples scored 1 (an exact answer, the right description) by each model.
+    """
+    pairs = [(b.get("score") or 0.0, a.get("score") or 0.0) for b, a in zip(before, after)]
+    return {"task": task, "total": len(pairs), "better": sum(a > b for b, a in pairs),
+            "worse": sum(a < b for b, a in pairs), "same": sum(a == b for b, a in pairs),
+            "base_right": sum(b >= 1.0 for b, _ in pairs), "adapter_right": sum(a >= 1.0 for _, a in pairs)}
+
+
+def verdict(task: str, c: dict | None) -> str:
+    """One sentence for people who do not program: did fine-tuning help on the held-out examples?"""
+    if not c or not c.get("total"):
+        return "There were no held-out examples to compare the two models on."
+    n = c["total"]
+    if task == "vqa":
+        return (f"The fine-tuned model answers {c['adapter_right']} of {n} held-out questions exactly right; the "
+                f"base model answered {c['base_right']}.")
+    if task == "retrieval":
+        return (f"The fine-tuned model finds the right description for {c['adapter_right']} of {n} held-out clips; "
+                f"the base model for {c['base_right']}.")
+    if not c["better"] and not c["worse"]:
+        return (f"The fine-tuned model writes the same captions as the base model for all {n} held-out examples: it "
+                f"has not learned enough to change them (try more examples, more epochs or a higher learning rate).")
+    rest = [f"worse on {c['worse']}" if c["worse"] else "", f"the same on {c['same']}" if c["same"] else ""]
+    rest = [r for r in rest if r]
+    tail = f" ({' and '.join(rest)})" if rest else ""
+    return (f"The fine-tuned model matches the held-out captions better than the base model on {c['better']} of "
+            f"{n} examples{tail}.")

@@ -5,6 +5,11 @@ default, ``MMDEMO_HOME/jobs.sqlite3``) implements it for one machine. A multi-ma
 database, a Hub-hosted queue) implements the same methods. SQLite runs in WAL mode so the app, the dispatcher
 and the worker processes read and write it concurrently; each call opens its own short transaction.
 
+Each job row holds the latest phase, step and total (the page's one source of truth for where a job is); a
+finished job's row holds the training steps it ran (phase ``finished``). A job also keeps the display name of
+the adapter it makes (``label``), a fingerprint of its dataset (two identical jobs of one owner are refused while
+the first waits or runs) and its training plan (steps and epochs, from :func:`mmdemo.jobs.train.training_plan`).
+
 States: queued -> running -> succeeded | failed | cancelled. A running job whose worker disappeared (app or
 machine restart, a worker killed for memory) goes back to queued and resumes from its last checkpoint; each
 claim counts an attempt, and after ``MAX_ATTEMPTS`` the job fails with the cause instead of looping.
@@ -54,6 +59,9 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 """
+# columns added after the first release: a database made before them gets them at open (ALTER TABLE)
+_ADDED_COLUMNS = {"label": "TEXT", "fingerprint": "TEXT", "plan": "TEXT"}
+ACTIVE = ("queued", "running")
 
 
 @dataclass
@@ -82,16 +90,24 @@ class Job:
     error: str | None = None
     note: str | None = None
     result: dict | None = None
+    label: str | None = None  # the adapter's display name, chosen at submit (the folder keeps ``name``)
+    fingerprint: str | None = None  # of the dataset as uploaded: same data, task and settings = a duplicate
+    plan: dict | None = None  # training plan: steps, epochs, examples (see train.training_plan)
     position: int | None = None  # 1 = next to run (queued jobs only)
 
     @property
     def adapter(self) -> str | None:
         return (self.result or {}).get("adapter")
 
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
+
     def record(self) -> dict:
         """A JSON-able view for the UI and the API (no internal fields such as the pid)."""
-        keys = ("id", "task", "model", "preset", "config", "name", "state", "position", "created", "started",
-                "finished", "phase", "step", "total", "loss", "eta", "error", "note", "result", "attempts")
+        keys = ("id", "task", "model", "preset", "config", "name", "label", "state", "position", "created",
+                "started", "finished", "phase", "step", "total", "loss", "eta", "error", "note", "result",
+                "attempts", "plan", "cancel_requested")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -130,6 +146,14 @@ class SQLiteQueue:
             raise JobError(problem)
         with self._db() as db:
             db.executescript(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    try:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+                    except sqlite3.OperationalError as err:  # another process added it a moment ago
+                        if "duplicate column" not in str(err):
+                            raise
 
     @contextmanager
     def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -183,29 +207,70 @@ class SQLiteQueue:
         return self.runs / job_id
 
     def add(self, job: Job, limit: int | None = None) -> Job:
-        """Queue ``job``; with ``limit``, refuse it if its owner already has that many jobs queued or running.
+        """Queue ``job``; refuse it if its owner already has the same job (data, task, settings) or a job making
+        an adapter of the same name waiting or running, or, with ``limit``, that many jobs queued or running.
 
-        The count and the insert share one transaction, so two quick submits cannot both slip under the limit.
+        The checks and the insert share one transaction, so a double click cannot queue two identical jobs and
+        two quick submits cannot both slip under the limit.
         """
         with self._db(write=True) as db:
+            same = self._duplicate(db, job)
+            if same is not None:
+                raise JobError(duplicate_job(same))
+            if job.label:
+                taken = db.execute(f"SELECT id FROM jobs WHERE owner=? AND label=? AND state IN {ACTIVE} "
+                                   f"AND cancel_requested=0", (job.owner, job.label)).fetchone()
+                if taken is not None:
+                    raise InputError(name_in_use(job.label, taken["id"]))
             if limit is not None:
-                active = db.execute("SELECT COUNT(*) FROM jobs WHERE owner=? AND state IN ('queued', 'running')",
+                active = db.execute(f"SELECT COUNT(*) FROM jobs WHERE owner=? AND state IN {ACTIVE}",
                                     (job.owner,)).fetchone()[0]
                 if active >= limit:
                     raise JobError(too_many_jobs(limit))
             db.execute(
-                "INSERT INTO jobs (id, owner, task, model, preset, config, data, name, state, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                "INSERT INTO jobs (id, owner, task, model, preset, config, data, name, state, created, label, "
+                "fingerprint, plan) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (job.id, job.owner, job.task, job.model, job.preset, json.dumps(job.config), job.data, job.name,
-                 job.created),
+                 job.created, job.label, job.fingerprint, json.dumps(job.plan) if job.plan is not None else None),
             )
-        self.progress(job.id, {"phase": "queued", "message": "Waiting for a free GPU slot."})
+        self.progress(job.id, {"phase": "queued", "message": "Submitted; waiting in the queue."})
         return self.get(job.id)
+
+    def _duplicate(self, db: sqlite3.Connection, job: Job) -> Job | None:
+        if not job.fingerprint:
+            return None
+        # a job being cancelled does not count: the user may submit it again at once
+        rows = db.execute(f"SELECT * FROM jobs WHERE owner=? AND task=? AND fingerprint=? AND state IN {ACTIVE} "
+                          f"AND cancel_requested=0 ORDER BY created",
+                          (job.owner, job.task, job.fingerprint)).fetchall()
+        for row in rows:
+            other = self._job(row)
+            if other.config == job.config and (other.model or None) == (job.model or None):
+                return other
+        return None
+
+    def find_duplicate(self, job: Job) -> Job | None:
+        """The owner's waiting or running job with the same data, task, model and settings as ``job``, if any."""
+        with self._db() as db:
+            return self._duplicate(db, job)
+
+    def set_label(self, job_id: str, label: str) -> None:
+        """Rename the adapter a job made (or will make)."""
+        with self._db(write=True) as db:
+            db.execute("UPDATE jobs SET label=? WHERE id=?", (label, job_id))
+
+    def labels(self, owner: str) -> dict[str, str]:
+        """Adapter names the owner's waiting or running jobs will use: label -> job id."""
+        with self._db() as db:
+            rows = db.execute(f"SELECT id, label FROM jobs WHERE owner=? AND label IS NOT NULL AND state IN {ACTIVE} "
+                              f"AND cancel_requested=0", (owner,)).fetchall()
+        return {r["label"]: r["id"] for r in rows}
 
     def _job(self, row: sqlite3.Row, position: int | None = None) -> Job:
         d = dict(row)
         d["config"] = json.loads(d["config"])
         d["result"] = json.loads(d["result"]) if d["result"] else None
+        d["plan"] = json.loads(d["plan"]) if d.get("plan") else None
         d["cancel_requested"] = bool(d["cancel_requested"])
         return Job(**d, position=position)
 
@@ -241,8 +306,13 @@ class SQLiteQueue:
             db.execute("UPDATE jobs SET state='cancelled', finished=?, cancel_requested=1 "
                        "WHERE id=? AND state='queued'", (time.time(), job.id))
             db.execute("UPDATE jobs SET cancel_requested=1 WHERE id=? AND state='running'", (job.id,))
-        self.progress(job.id, {"phase": "cancelling", "message": "Cancel requested."}, update_job=False)
         job = self.get(job.id)
+        if job.state == "cancelled":
+            self.progress(job.id, {"phase": "cancelled", "message": "Cancelled while waiting in the queue; it never "
+                                                                    "started."}, update_job=False)
+        else:
+            self.progress(job.id, {"phase": "cancelling", "message": "You asked to cancel; the training is being "
+                                                                     "stopped."}, update_job=False)
         if job.state == "running" and job.pid:
             _signal(job.pid, 15)  # the worker's process group: it stops now, not at the next step
         return job
@@ -274,9 +344,14 @@ class SQLiteQueue:
             if row is None:
                 return None
             now = time.time()
+            # the row says "starting" until the worker reports: not the "queued" phase of its first record
             db.execute("UPDATE jobs SET state='running', started=COALESCE(started, ?), heartbeat=?, pid=NULL, "
-                       "attempts=attempts+1 WHERE id=?", (now, now, row["id"]))
-        return self.get(row["id"])
+                       "attempts=attempts+1, phase='starting', step=NULL, total=NULL, eta=NULL WHERE id=?",
+                       (now, now, row["id"]))
+        job = self.get(row["id"])
+        again = f" (attempt {job.attempts} of {MAX_ATTEMPTS})" if job.attempts > 1 else ""
+        self.progress(job.id, {"phase": "starting", "message": f"Started{again}."}, update_job=False)
+        return job
 
     def set_pid(self, job_id: str, pid: int) -> None:
         with self._db(write=True) as db:
@@ -303,12 +378,18 @@ class SQLiteQueue:
                             record.get("eta"), now, job_id))
 
     def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None:
+        """Record the outcome. A succeeded job's row then holds what it trained (phase ``finished``, the steps
+        done of the steps planned); a failed or cancelled one keeps the phase and step where it stopped."""
         if state not in FINAL:
             raise ValueError(state)
+        training = (result or {}).get("training") or {}
+        done, planned = training.get("steps_done"), training.get("steps")
         with self._db(write=True) as db:
-            db.execute("UPDATE jobs SET state=?, finished=?, result=COALESCE(?, result), error=?, pid=NULL, eta=NULL "
-                       "WHERE id=? AND state IN ('running', 'queued')",
-                       (state, time.time(), json.dumps(result) if result is not None else None, error, job_id))
+            db.execute("UPDATE jobs SET state=?, finished=?, result=COALESCE(?, result), error=?, pid=NULL, eta=NULL, "
+                       "phase=CASE WHEN ?='succeeded' THEN 'finished' ELSE phase END, step=COALESCE(?, step), "
+                       "total=COALESCE(?, total) WHERE id=? AND state IN ('running', 'queued')",
+                       (state, time.time(), json.dumps(result) if result is not None else None, error, state,
+                        done, planned, job_id))
         message = {"succeeded": "Finished.", "cancelled": "Cancelled.", "failed": error or "Failed."}[state]
         self.progress(job_id, {"phase": state, "message": message}, update_job=False)
 
@@ -421,6 +502,17 @@ def checkpoint_step(run_dir: Path) -> int | None:
     return max(steps, default=None)
 
 
+def duplicate_job(other: Job) -> str:
+    where = "waiting in the queue" if other.state == "queued" else "running"
+    return (f"You already have this job {where} (job {other.id}, adapter “{other.display_name}”): the same dataset, "
+            f"task and settings. Wait for it to finish, or cancel it before submitting it again.")
+
+
+def name_in_use(label: str, job_id: str) -> str:
+    return (f"Your job {job_id}, still waiting or running, will already make an adapter called “{label}”; choose "
+            f"another name.")
+
+
 def too_many_jobs(limit: int) -> str:
     jobs = "job" if limit == 1 else "jobs"
     return (f"You already have {limit} {jobs} waiting or running; wait for one to finish or cancel one, "
@@ -439,5 +531,5 @@ def clean_owner(owner: str | None) -> str:
     return owner
 
 
-__all__ = ["FINAL", "MAX_ATTEMPTS", "STATES", "Job", "JobQueue", "SQLiteQueue", "checkpoint_step", "clean_owner",
+__all__ = ["ACTIVE", "FINAL", "MAX_ATTEMPTS", "STATES", "duplicate_job", "name_in_use", "Job", "JobQueue", "SQLiteQueue", "checkpoint_step", "clean_owner",
            "get_queue", "new_job_id", "pid_alive", "too_many_jobs"]

@@ -53,17 +53,19 @@ class TrainConfig:
     save_steps: int | None = None  # default: about 10 checkpoints per run
 
     def __post_init__(self) -> None:
-        checks = [
-            (1 <= self.epochs <= 200, f"Epochs must be between 1 and 200, not {self.epochs}."),
-            (0 < self.learning_rate <= 0.1, f"The learning rate must be between 0 and 0.1, not {self.learning_rate}."),
-            (1 <= self.rank <= 256, f"The LoRA rank must be between 1 and 256, not {self.rank}."),
-            (1 <= self.alpha <= 1024, f"The LoRA alpha must be between 1 and 1024, not {self.alpha}."),
-            (1 <= self.batch_size <= 256, f"The batch size must be between 1 and 256, not {self.batch_size}."),
-            (0 <= self.min_steps <= 100_000, f"Min steps must be between 0 and 100000, not {self.min_steps}."),
-        ]
-        for ok, sentence in checks:
-            if not ok:
-                raise InputError(sentence)
+        whole = [("epochs", "Epochs", 1, 200), ("rank", "The LoRA rank", 1, 256), ("alpha", "The LoRA alpha", 1, 1024),
+                 ("batch_size", "The batch size", 1, 256), ("min_steps", "The minimum number of steps", 0, 100_000)]
+        for name, what, low, high in whole:
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, name, int(value))  # 5.0 from a number field is 5
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InputError(f"{what} must be a whole number from {low} to {high:,}, not {_shown(value)}.")
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 0.1:
+            raise InputError(f"The learning rate must be more than 0 and at most 0.1 (the presets use 0.0001 to "
+                             f"0.0003), not {_shown(lr)}.")
 
     @classmethod
     def from_preset(cls, preset: str = "quick", **overrides: Any) -> TrainConfig:
@@ -79,12 +81,30 @@ class TrainConfig:
         return cls(**values)
 
 
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
 PRESETS: dict[str, TrainConfig] = {
     "quick": TrainConfig("quick", epochs=5, learning_rate=3e-4, rank=8, alpha=16, batch_size=8, min_steps=60),
     "balanced": TrainConfig("balanced", epochs=10, learning_rate=2e-4, rank=16, alpha=32, batch_size=8, min_steps=150),
     "thorough": TrainConfig("thorough", epochs=20, learning_rate=1e-4, rank=32, alpha=64, batch_size=8,
                             min_steps=300),
 }
+
+
+def training_plan(config: TrainConfig, train_examples: int) -> dict:
+    """How many steps and epochs a job trains: the one rule, used by training, the page and the model card.
+
+    An epoch is one pass over the training examples in batches of ``batch_size``; a run trains
+    ``epochs`` epochs but at least ``min_steps`` steps, so a small dataset gets more epochs than asked for.
+    """
+    per_epoch = max(1, math.ceil(train_examples / config.batch_size))
+    asked = config.epochs * per_epoch
+    steps = max(asked, config.min_steps)
+    return {"steps": steps, "steps_per_epoch": per_epoch, "epochs": round(steps / per_epoch, 2),
+            "epochs_requested": config.epochs, "min_steps": config.min_steps, "raised_by_min_steps": steps > asked,
+            "train_examples": train_examples, "batch_size": config.batch_size}
 
 
 @dataclass
@@ -95,6 +115,7 @@ class Progress:
     loss: float | None = None
     eta: float | None = None  # seconds
     message: str = ""
+    metrics: dict | None = None  # held-out scores, on the records that end an evaluation
 
     def record(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
@@ -287,8 +308,7 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.05,
                       target_modules=list(loaded.arch.lora_targets))
     model = get_peft_model(loaded.model, lora)
-    steps_per_epoch = math.ceil(len(prepared.items) / config.batch_size)
-    max_steps = max(config.epochs * steps_per_epoch, config.min_steps)
+    max_steps = training_plan(config, len(prepared.items))["steps"]
     save_steps = config.save_steps or max(1, max_steps // 10)
     out = workdir / "checkpoints"
     cuda = str(loaded.device).startswith("cuda")
@@ -317,32 +337,76 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
     model.eval()
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     metrics = {k: round(float(v), 4) for k, v in output.metrics.items() if isinstance(v, (int, float))}
+    metrics["global_step"] = trainer.state.global_step
     return model, losses, resumed_step, metrics
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
+SHOW_EXAMPLES = 20  # held-out examples kept with the adapter for the page's table (all are scored)
+
+
+def model_label(checkpoint: str) -> str:
+    """A checkpoint as people read it: a Hub id as it is, a local folder by its own name (no server path)."""
+    text = str(checkpoint)
+    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).is_dir()
+    return Path(text).name if local else text
+
+
+def _card_metrics(meta: dict) -> str:
+    from mmdemo.jobs.evaluate import METRICS
+
+    rows = []
+    for k, v in meta["metrics_after"].items():
+        label = METRICS[k].label if k in METRICS else k
+        rows.append(f"| {label} | {meta['metrics_before'].get(k)} | {v} |")
+    return "\n".join(rows)
+
+
 def model_card(meta: dict) -> str:
+    """The adapter's README.md: what ran (steps and epochs actually trained), its scores, how to load it."""
+    from mmdemo.jobs.evaluate import METRICS, verdict
+
     hp = meta["hyperparameters"]
-    rows = "\n".join(f"| {k} | {meta['metrics_before'].get(k)} | {v} |" for k, v in meta["metrics_after"].items())
+    run = meta.get("training") or {}
     cls = meta["model_class"]  # from the registry entry the base model loaded through
+    title = meta.get("name") or f"LoRA adapter for {meta['task']}"
+    epochs = run.get("epochs", hp.get("epochs"))
+    if run.get("raised_by_min_steps"):
+        epochs_text = (f"{epochs:g} epochs ({hp['epochs']} were asked for; the {meta.get('preset') or 'chosen'} "
+                       f"preset trains at least {hp['min_steps']} steps, so small datasets get more epochs)")
+    else:
+        epochs_text = f"{epochs:g} epochs"
+    steps_text = f"{run['steps_done']} of {run['steps']} steps" if run.get("steps_done") is not None else \
+        f"{run.get('steps', '?')} steps"
+    comparison = meta.get("comparison")
+    verdict_line = f"\n{verdict(meta['task'], comparison)}\n" if comparison else ""
+    explained = "\n".join(f"- **{METRICS[k].label}**: {METRICS[k].meaning}" for k in meta["metrics_after"]
+                          if k in METRICS)
     return f"""---
 library_name: peft
 base_model: {meta['base_model']}
 tags: [lora, mmdemo, {meta['task']}]
 ---
-# LoRA adapter for {meta['task']} on {meta['base_model']}
+# {title}
 
-Fine-tuned with mmdemo on {meta['data']['train']} examples ({meta['data']['test']} held out for evaluation).
+A LoRA adapter for {meta['task']} on {meta['base_model']}, fine-tuned with mmdemo on {meta['data']['train']} examples
+({meta['data']['test']} held out for evaluation).
 
 ## Held-out metrics
 
 | metric | base model | with this adapter |
 | --- | --- | --- |
-{rows}
+{_card_metrics(meta)}
+{verdict_line}
+{explained}
 
-## Hyperparameters
+## What ran
 
-{', '.join(f'{k}={v}' for k, v in hp.items())}
+- Trained {steps_text}: {epochs_text} over {run.get('train_examples', meta['data']['train'])} examples in batches of
+  {hp['batch_size']} ({run.get('steps_per_epoch', '?')} steps per epoch).
+- Learning rate {hp['learning_rate']:g} (linear decay), LoRA rank {hp['rank']}, alpha {hp['alpha']}, dropout 0.05,
+  seed {hp['seed']}; preset: {meta.get('preset') or 'none'}.
+- On {meta.get('device', '?')} ({meta.get('dtype', '?')}), in {meta.get('train_seconds', '?')} s in all.
 
 ## How to load it
 
@@ -364,11 +428,19 @@ def _save(model, meta: dict, out: Path) -> None:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
+    config_path = tmp / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    if adapter_config.get("base_model_name_or_path"):  # a local base folder is named, not located (no server path)
+        adapter_config["base_model_name_or_path"] = model_label(adapter_config["base_model_name_or_path"])
+        config_path.write_text(json.dumps(adapter_config, indent=2))
     (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=1))
     (tmp / "README.md").write_text(model_card(meta))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+RESULT_KEYS = ("metrics_before", "metrics_after", "examples", "training", "comparison", "name")
 
 
 def finished_result(out: Path, job_id: str | None) -> dict | None:
@@ -379,8 +451,7 @@ def finished_result(out: Path, job_id: str | None) -> dict | None:
     meta = json.loads(meta_path.read_text())
     if meta.get("job_id") != job_id:
         return None
-    return {"adapter": str(out), "metrics_before": meta["metrics_before"], "metrics_after": meta["metrics_after"],
-            "examples": meta.get("examples", [])}
+    return {"adapter": str(out), **{k: meta.get(k) for k in RESULT_KEYS}, "examples": meta.get("examples", [])}
 
 
 def finetune(
@@ -396,15 +467,19 @@ def finetune(
     device: str | None = None,
     owner: str | None = None,
     job_id: str | None = None,
+    name: str | None = None,
 ) -> dict:
     """Fine-tune a LoRA for ``task`` on the dataset ``data`` and write it to ``out``; return the final record.
 
-    The record is ``{"adapter", "metrics_before", "metrics_after", "examples", "losses", "data", ...}``.
-    ``workdir`` keeps the unpacked data, the base metrics and the checkpoints, so calling again with the same
-    ``workdir`` after an interruption resumes. Raises ``InputError`` for bad data, ``JobCancelled`` when
-    ``should_stop`` returns true, ``ModelLoadError`` for a missing checkpoint.
+    The record is ``{"adapter", "metrics_before", "metrics_after", "examples", "comparison", "training", "losses",
+    "data", ...}``: ``training`` says what actually ran (steps, epochs after the minimum-steps rule), and
+    ``comparison`` counts the held-out examples the adapter got closer to the reference than the base model.
+    ``name`` is the adapter's display name (``mmdemo.json``; the folder keeps its own name). ``workdir``
+    keeps the unpacked data, the base metrics and the checkpoints, so calling again with the same ``workdir``
+    after an interruption resumes. Raises ``InputError`` for bad data, ``JobCancelled`` when ``should_stop``
+    returns true, ``ModelLoadError`` for a missing checkpoint.
     """
-    from mmdemo.jobs.evaluate import evaluate
+    from mmdemo.jobs.evaluate import compare, evaluate
     from mmdemo.models.loading import _load_uncached, pick_device, pick_dtype
 
     progress = progress or (lambda p: None)
@@ -420,10 +495,11 @@ def finetune(
 
     progress(Progress("validating", message="Checking every file and row of the dataset."))
     report: DatasetReport = load_dataset(data, task, workdir)
-    progress(Progress("validating", 1, 1, message=report.summary()))
+    progress(Progress("validating", 1, 1, message=f"Dataset checked: {report.summary()}"))
+    plan = training_plan(config, len(report.train))
 
     checkpoint = resolve_checkpoint(task, model)
-    progress(Progress("loading model", message=f"Loading {checkpoint}."))
+    progress(Progress("loading model", message=f"Loading the base model {model_label(checkpoint)}."))
     device = pick_device(device)
     dtype = pick_dtype(device)
     import torch
@@ -431,46 +507,67 @@ def finetune(
     torch.manual_seed(config.seed)
     loaded = _load_uncached(task, checkpoint, device, dtype)  # a private copy: LoRA is injected into it
 
-    progress(Progress("preprocessing", 0, report.examples, message="Decoding media and computing model inputs."))
+    progress(Progress("preprocessing", 0, report.examples,
+                      message=f"Preparing {report.examples} examples for the model (decoding every file once)."))
     prepared = PREPARE[task](loaded, report.train)
     progress(Progress("preprocessing", report.examples, report.examples))
 
+    held_out = len(report.test)
     before_path = workdir / "metrics_before.json"
     if before_path.is_file():
         before, before_samples = json.loads(before_path.read_text()).values()
     else:
-        progress(Progress("evaluating", 0, 2, message="Scoring the base model on the held-out examples."))
-        before, before_samples = evaluate(task, loaded, report.test)
+        progress(Progress("evaluating", 0, 2, message=f"Scoring the base model on the {held_out} held-out "
+                                                      f"examples."))
+        before, before_samples = evaluate(task, loaded, report.test, show=None)
         before_path.write_text(json.dumps({"metrics": before, "samples": before_samples}))
-    progress(Progress("evaluating", 1, 2, message=f"Base model: {before}."))
+    progress(Progress("evaluating", 1, 2, message="Base model scored.", metrics=before))
     if should_stop is not None and should_stop():
         raise JobCancelled()
 
+    progress(Progress("training", 0, plan["steps"], message=_plan_sentence(plan, config)))
     peft_model, losses, resumed, train_metrics = _train(loaded, prepared, config, workdir, progress, should_stop)
+    steps_done = int(train_metrics.get("global_step", plan["steps"]))
 
-    progress(Progress("evaluating", 1, 2, message="Scoring the adapter on the held-out examples."))
+    progress(Progress("evaluating", 1, 2, message=f"Scoring the fine-tuned model on the {held_out} held-out "
+                                                  f"examples."))
     loaded.memo.clear()  # cached text embeddings belong to the base weights
-    after, after_samples = evaluate(task, loaded, report.test)  # the LoRA is active inside loaded.model
-    progress(Progress("evaluating", 2, 2, message=f"With the adapter: {after}."))
+    after, after_samples = evaluate(task, loaded, report.test, show=None)  # the LoRA is active inside loaded.model
+    progress(Progress("evaluating", 2, 2, message="Fine-tuned model scored.", metrics=after))
 
-    progress(Progress("saving", 0, 1, message=f"Writing the adapter {Path(out).name}."))
-    examples = [{**{k: v for k, v in b.items() if k != "output"}, "base": b["output"], "adapter": a["output"]}
-                for b, a in zip(before_samples, after_samples)]
+    label = name or out.name
+    progress(Progress("saving", 0, 1, message=f"Saving the adapter “{label}”."))
+    comparison = compare(task, before_samples, after_samples)
+    examples = [{**{k: v for k, v in b.items() if k not in ("output", "score")}, "base": b["output"],
+                 "adapter": a["output"]} for b, a in zip(before_samples, after_samples)][:SHOW_EXAMPLES]
+    training = {**plan, "steps_done": steps_done, "resumed_from_step": resumed,
+                "epochs_done": round(steps_done / plan["steps_per_epoch"], 2),
+                "train_seconds": train_metrics.get("train_runtime")}
     meta = {
-        "task": task, "base_model": checkpoint, "model_class": loaded.arch.model_class, "owner": owner,
-        "job_id": job_id,
-        "metrics_before": before, "metrics_after": after, "examples": examples,
+        "name": label, "task": task, "base_model": model_label(checkpoint), "model_class": loaded.arch.model_class,
+        "owner": owner, "job_id": job_id, "preset": config.preset,
+        "metrics_before": before, "metrics_after": after, "comparison": comparison, "examples": examples,
         "hyperparameters": {k: v for k, v in asdict(config).items() if k != "save_steps"},
+        "training": training,
         "data": {"train": len(report.train), "test": len(report.test), "split": report.split},
         "device": device, "dtype": str(dtype).removeprefix("torch."), "created": time.time(),
         "train_seconds": round(time.monotonic() - t0, 1), "resumed_from_step": resumed,
         "trainer_metrics": train_metrics,
     }
     _save(peft_model, meta, out)
-    progress(Progress("saving", 1, 1, message="Saved."))
+    progress(Progress("saving", 1, 1, message=f"Saved the adapter “{label}”."))
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # the adapter is safe; checkpoints are not needed
-    return {"adapter": str(out), "metrics_before": before, "metrics_after": after, "examples": examples,
-            "losses": losses, "data": meta["data"], "resumed_from_step": resumed, "trainer_metrics": train_metrics}
+    return {"adapter": str(out), "name": label, "metrics_before": before, "metrics_after": after,
+            "comparison": comparison, "examples": examples, "training": training, "losses": losses,
+            "data": meta["data"], "resumed_from_step": resumed, "trainer_metrics": train_metrics}
+
+
+def _plan_sentence(plan: dict, config: TrainConfig) -> str:
+    epochs = f"{plan['epochs']:g} {'epoch' if plan['epochs'] == 1 else 'epochs'}"
+    why = (f"; {config.epochs} {'epoch was' if config.epochs == 1 else 'epochs were'} asked for, raised so that at "
+           f"least {config.min_steps} steps run") if plan["raised_by_min_steps"] else ""
+    return (f"Training {plan['steps']} steps: {epochs} over {plan['train_examples']} examples in batches of "
+            f"{plan['batch_size']}{why}.")
 
 
 def check_out_folder(out: str | Path) -> Path:

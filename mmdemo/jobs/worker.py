@@ -92,6 +92,7 @@ def run_job(job_id: str, home: str | None = None) -> str:
             job.task, job.data, get_settings().adapters_dir / job.name, model=job.model, config=config,
             workdir=queue.run_dir(job_id) / "work", progress=progress,
             should_stop=lambda: queue.cancel_requested(job_id), owner=job.owner, job_id=job_id,
+            name=job.display_name,
         )
     except JobCancelled:
         queue.finish(job_id, "cancelled")

@@ -30,12 +30,14 @@ TABS: list[str] = [
     "mmdemo.ui.finetune",
 ]
 
-TINY_BANNER = ("⚠️ **Tiny test models**: this app runs on tiny random-weight checkpoints "
+# Words, not emoji: a machine without a colour-emoji font shows an empty box for them.
+TINY_BANNER = ("**Warning: tiny test models.** This app runs on tiny random-weight checkpoints "
                "(`--tiny-models`). Every caption, answer and score is meaningless; it only shows that the "
                "app works.")
 DELETE_CACHE = (300, 900)  # seconds: how often Gradio's cache is swept, and the age of what it deletes
 CSS = "#home-banner {background: #f8d7da; border: 2px solid #dc3545; border-radius: 8px; padding: 4px 12px;} "\
-      "#tiny-banner {background: #fff3cd; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px;}"
+      "#tiny-banner {background: #fff3cd; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px;} "\
+      ".run-info, .run-info * {font-size: var(--text-sm) !important; color: var(--body-text-color-subdued);}"
 
 
 def tab_modules() -> list:
@@ -59,8 +61,8 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
         if ctx.tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
         if home_problem:
-            gr.Markdown(f"⚠️ {home_problem} Captions and answers still work; fine-tuning, the audio library and "
-                        f"your adapters need it.", elem_id="home-banner")
+            gr.Markdown(f"**Warning:** {home_problem} Captions and answers still work; fine-tuning, the audio "
+                        f"library and your adapters need it.", elem_id="home-banner")
         status = gr.Markdown(STATUS.markdown(checkpoints), elem_id="model-status")
         if os.environ.get("SPACE_ID"):
             gr.LoginButton()  # on a Space: jobs and adapters belong to the signed-in user

@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -43,9 +44,15 @@ from mmdemo.ui import gpu
 from mmdemo.ui.common import (
     BASE,
     adapter_path,
+    device_label,
+    empty_table,
     file_path,
     model_selector,
     optional_owner,
+    plural,
+    run_info,
+    run_info_box,
+    show_run_info,
     user_errors,
 )
 from mmdemo.ui.context import ASSETS, CHECK_CONCURRENCY, GPU_QUEUE, UIContext
@@ -60,6 +67,11 @@ DEFAULT_LABELS = "beep, siren, rain, bird, whistle, drum, hum, speech, bell, cho
 RESULT_HEADERS = ["rank", "clip", "score"]
 LABEL_HEADERS = ["rank", "label", "score"]
 LIBRARY_HEADERS = ["clip", "seconds"]
+SCORE_RANGE = [-1.0, 1.0]  # scores are cosine similarities: the chart's y axis is fixed, with 0 in the middle
+SCORE_NOTE = ("Score: how alike the two are for the model (cosine similarity, from -1 to 1; 0 means unrelated). "
+              "Higher is a closer match.")
+TOP_K_INFO = "How many of the best matches to show."
+PLOT_LABEL_CHARS = 22  # longer clip names are shortened under the chart's bars
 
 log = logging.getLogger(__name__)
 _INDEXES: dict[str, AudioIndex] = {}
@@ -216,10 +228,19 @@ def add_clips(files, checkpoint: str | None = None) -> tuple[str, list[list]]:
     for path, why in report.failed:
         shutil.rmtree(Path(path).parent, ignore_errors=True)  # a bad file is reported, not kept
         problems.append((original.get(path, Path(path).name), why))
-    lines = [f"**Added {len(report.added)} clip(s)**; {len(report.duplicates)} already in the library; "
-             f"{len(problems)} could not be used. The library holds {len(index)} clips."]
-    lines += [f"- {why}" for _name, why in problems]
-    return "\n".join(lines), library_rows(checkpoint)
+    said = _report(len(report.added), len(report.duplicates), [why for _name, why in problems], len(index))
+    return said, library_rows(checkpoint)
+
+
+def _report(added: int, duplicates: int, problems: list[str], total: int) -> str:
+    """What an upload did, in sentences: ``**Added 2 clips.** 1 clip was already in the library. ...``."""
+    text = f"**Added {plural(added, 'clip')}.**"
+    if duplicates:
+        text += f" {plural(duplicates, 'clip')} {'was' if duplicates == 1 else 'were'} already in the library."
+    text += f" The library holds {plural(total, 'clip')}."
+    if not problems:
+        return text
+    return "\n".join([f"{text} {plural(len(problems), 'file')} could not be used:", *(f"- {why}" for why in problems)])
 
 
 def _clip_rows(hits: list[Hit]) -> tuple[list[list], list[str]]:
@@ -227,7 +248,17 @@ def _clip_rows(hits: list[Hit]) -> tuple[list[list], list[str]]:
 
 
 def _plot(rows: list[list]) -> pd.DataFrame:
-    return pd.DataFrame({"item": [f"{r[0]}. {r[1]}" for r in rows], "score": [r[2] for r in rows]})
+    """The chart's frame: ``item`` (rank and a shortened name, the bar's label) and ``score``."""
+    def short(name: str) -> str:
+        name = str(name)
+        return name if len(name) <= PLOT_LABEL_CHARS else name[:PLOT_LABEL_CHARS - 1] + "…"
+
+    return pd.DataFrame({"item": [f"{r[0]}. {short(r[1])}" for r in rows], "score": [r[2] for r in rows]})
+
+
+def _info(emb: Embedder, model: str | None, start: float) -> str:
+    return run_info(device_label(emb.loaded.device, emb.loaded.dtype), emb.checkpoint, model,
+                    time.monotonic() - start)
 
 
 def _top_k(value) -> int:
@@ -292,25 +323,28 @@ def check_sound(audio, labels, top_k=5, model: str | None = BASE, browser_id=Non
 @gpu.task(duration=120)  # the first search with an adapter embeds the library with it
 def search_audio(text: str, top_k=5, model: str | None = BASE, browser_id=None, profile=None, *,
                  checkpoint: str | None = None):
-    """Text -> clips: a table of (rank, clip, score), a plot frame and the clips' paths (for the players).
+    """Text -> clips: a table of (rank, clip, score), a plot frame, the clips' paths (for the players) and the
+    small print (device, model, adapter, time).
 
     ``model`` is ``"base"`` or the name of a retrieval adapter the caller (``browser_id``/``profile``) may use.
     """
+    start = time.monotonic()
     text = _query_text(text, checkpoint)
     k = _top_k(top_k)
     index, emb = library(_checkpoint(checkpoint), adapter_path(TASK, model, optional_owner(browser_id, profile)))
     rows, paths = _clip_rows(index.search_text(text, emb, k))
-    return rows, _plot(rows), paths
+    return rows, _plot(rows), paths, _info(emb, model, start)
 
 
 @gpu.task(duration=60)
 def classify_audio(audio, labels: str, top_k=5, model: str | None = BASE, browser_id=None, profile=None, *,
                    checkpoint: str | None = None):
-    """Sound -> labels: the best labels from the comma- or line-separated list, and a plot frame.
+    """Sound -> labels: the best labels from the comma- or line-separated list, a plot frame and the small print.
 
     The sound and the labels are both embedded by ``model`` (``"base"`` or a retrieval adapter's name);
     no library is needed.
     """
+    start = time.monotonic()
     path = _audio_path(audio)
     candidates = split_labels(labels, checkpoint)
     k = _top_k(top_k)
@@ -318,18 +352,20 @@ def classify_audio(audio, labels: str, top_k=5, model: str | None = BASE, browse
     emb = Embedder(gpu.loaded(TASK, _checkpoint(checkpoint)), adapter=adapter)
     hits = rank_labels(embed_query_audio(emb, path=path), candidates, emb, k)
     rows = [[h.rank, h.label, round(h.score, 4)] for h in hits]
-    return rows, _plot(rows)
+    return rows, _plot(rows), _info(emb, model, start)
 
 
 @gpu.task(duration=120)  # the first search with an adapter embeds the library with it
 def similar_audio(audio, top_k=5, model: str | None = BASE, browser_id=None, profile=None, *,
                   checkpoint: str | None = None):
-    """Sound -> clips: the most similar clips in the library (embedded by ``model``), and their paths."""
+    """Sound -> clips: the most similar clips in the library (embedded by ``model``), their paths and the small
+    print."""
+    start = time.monotonic()
     path = _audio_path(audio)
     k = _top_k(top_k)
     index, emb = library(_checkpoint(checkpoint), adapter_path(TASK, model, optional_owner(browser_id, profile)))
     rows, paths = _clip_rows(index.search_vector(embed_query_audio(emb, path=path), k))
-    return rows, paths
+    return rows, paths, _info(emb, model, start)
 
 
 def players(rows: list | pd.DataFrame | None, paths: list[str] | None) -> list[dict]:
@@ -352,6 +388,14 @@ def warm_up(ctx: UIContext) -> None:
     library(ctx.checkpoint(TASK))
 
 
+def _score_chart(label: str, title: str, what: str) -> gr.BarPlot:
+    """Bars from zero on a fixed -1..1 axis: a negative score points down, and small differences look small."""
+    # no fixed height: with one, the angled labels, the axis title and the caption are cut off at the bottom
+    return gr.BarPlot(None, x="item", y="score", label=label, sort="-y", y_lim=SCORE_RANGE,
+                      title=title, x_title=f"{what}, best first", y_title="score (-1 to 1)", x_label_angle=-30,
+                      caption=SCORE_NOTE)
+
+
 def build(ctx: UIContext) -> None:
     checkpoint = ctx.checkpoint(TASK)
     gpu_kw = dict(concurrency_id=GPU_QUEUE, concurrency_limit=ctx.gpu_concurrency)
@@ -364,35 +408,44 @@ def build(ctx: UIContext) -> None:
                               file_types=[*sorted(AUDIO_EXTENSIONS), ".zip"], elem_id="audio-uploads")
             add = gr.Button("Add to library", elem_id="audio-add")
             report = gr.Markdown(elem_id="audio-report")
-            table = gr.Dataframe(headers=LIBRARY_HEADERS, label="Clips in the library", interactive=False,
-                                 max_height=300, elem_id="audio-library")
+            table = gr.Dataframe(empty_table(LIBRARY_HEADERS), headers=LIBRARY_HEADERS, label="Clips in the library",
+                                 interactive=False, max_height=300, wrap=True, column_widths=["75%", "25%"],
+                                 elem_id="audio-library")
         with gr.Column(scale=3):
             model = model_selector(ctx, TASK)
             with gr.Tab("Search by text"):
                 query = gr.Textbox(label="Describe a sound", placeholder="a high beep", elem_id="audio-query")
                 with gr.Row():
-                    top_k = gr.Slider(1, 20, value=5, step=1, label="Top-k")
+                    top_k = gr.Slider(1, 20, value=5, step=1, label="Top-k", info=TOP_K_INFO)
                     search = gr.Button("Search", variant="primary", elem_id="audio-search")
-                results = gr.Dataframe(headers=RESULT_HEADERS, label="Ranked clips", interactive=False,
+                results = gr.Dataframe(empty_table(RESULT_HEADERS), headers=RESULT_HEADERS, label="Ranked clips",
+                                       interactive=False, wrap=True, column_widths=["15%", "60%", "25%"],
                                        elem_id="audio-results")
-                plot = gr.BarPlot(x="item", y="score", label="Scores", sort="-y", height=220)
-                gr.Examples([["a high beep"], ["rain"], ["a siren"], ["a rising chirp"]], inputs=[query])
+                plot = _score_chart("Scores", "How well each clip matches your text", "clip")
+                text_info, text_info_box = run_info_box("audio-text-info")
+                gr.Examples([["a high beep"], ["rain"], ["a siren"], ["a rising chirp"]], inputs=[query],
+                            label="Examples: click one to fill in the description")
             with gr.Tab("Search by sound"):
                 sound = gr.Audio(label="A sound (upload or record)", sources=["upload", "microphone"],
                                  type="filepath", elem_id="audio-sound")
                 labels = gr.Textbox(label="Labels to rank (edit freely; commas or lines)", value=DEFAULT_LABELS,
                                     lines=2, elem_id="audio-labels")
                 with gr.Row():
-                    top_k2 = gr.Slider(1, 20, value=5, step=1, label="Top-k")
+                    top_k2 = gr.Slider(1, 20, value=5, step=1, label="Top-k", info=TOP_K_INFO)
                     match = gr.Button("Search with this sound", variant="primary", elem_id="audio-match")
-                label_table = gr.Dataframe(headers=LABEL_HEADERS, label="Best labels", interactive=False,
+                label_table = gr.Dataframe(empty_table(LABEL_HEADERS), headers=LABEL_HEADERS, label="Best labels",
+                                           interactive=False, wrap=True, column_widths=["15%", "60%", "25%"],
                                            elem_id="audio-labels-out")
-                label_plot = gr.BarPlot(x="item", y="score", label="Label scores", sort="-y", height=220)
-                similar = gr.Dataframe(headers=RESULT_HEADERS, label="Similar clips", interactive=False,
+                label_plot = _score_chart("Label scores", "How well each label matches the sound", "label")
+                label_info, label_info_box = run_info_box("audio-labels-info")
+                similar = gr.Dataframe(empty_table(RESULT_HEADERS), headers=RESULT_HEADERS, label="Similar clips",
+                                       interactive=False, wrap=True, column_widths=["15%", "60%", "25%"],
                                        elem_id="audio-similar")
+                similar_info, similar_info_box = run_info_box("audio-similar-info")
                 clips = bundled_clips()
                 if clips:
-                    gr.Examples([[str(p)] for p in clips[:4]], inputs=[sound])
+                    gr.Examples([[str(p)] for p in clips[:4]], inputs=[sound],
+                                label="Examples: click one to use that sound")
             gr.Markdown("#### Listen")
             audio_players = [gr.Audio(visible=False, interactive=False, type="filepath") for _ in range(PLAYERS)]
 
@@ -404,23 +457,32 @@ def build(ctx: UIContext) -> None:
 
         return user_errors(handler)
 
+    def add_and_clear(files):
+        # the upload box is emptied once its files are in the library (a second click would add them again)
+        return *add_clips(files, checkpoint=checkpoint), None
+
     # Each search starts with a queued check that has no outputs: a refused query shows its sentence (a
-    # queued event's gr.Error reaches the page) and the results already on screen stay as they are.
+    # queued event's gr.Error reaches the page) and the results already on screen stay as they are. The small
+    # print under the results goes through a State, so the API's answers keep their shape.
     check_kw = dict(api_visibility="private", concurrency_id="check", concurrency_limit=CHECK_CONCURRENCY)
     text_in = [query, top_k, model, browser_id]
     sound_in = [sound, labels, top_k2, model, browser_id]
-    add.click(user_errors(lambda files: add_clips(files, checkpoint=checkpoint)), uploads, [report, table],
-              api_visibility="private", **gpu_kw)
+    add.click(user_errors(add_and_clear), uploads, [report, table, uploads], api_visibility="private", **gpu_kw)
     for trigger, api_name in ((search.click, "search_audio"), (query.submit, None)):
-        trigger(_ck(check_search), text_in, None, **check_kw).success(
-            _ck(search_audio), text_in, [results, plot, clip_paths],
+        searched = trigger(_ck(check_search), text_in, None, **check_kw).success(
+            _ck(search_audio), text_in, [results, plot, clip_paths, text_info],
             **(dict(api_name=api_name) if api_name else dict(api_visibility="private")), **gpu_kw,
-        ).then(players, [results, clip_paths], audio_players, api_visibility="private")
+        )
+        searched.then(players, [results, clip_paths], audio_players, api_visibility="private")
+        show_run_info(searched, text_info, text_info_box)
     checked = match.click(_ck(check_sound), sound_in, None, **check_kw)
-    checked.success(_ck(classify_audio), sound_in, [label_table, label_plot], api_name="classify_audio", **gpu_kw)
-    checked.success(_ck(similar_audio), [sound, top_k2, model, browser_id], [similar, clip_paths],
-                    api_name="similar_audio", **gpu_kw).then(
-        players, [similar, clip_paths], audio_players, api_visibility="private")
+    labelled = checked.success(_ck(classify_audio), sound_in, [label_table, label_plot, label_info],
+                               api_name="classify_audio", **gpu_kw)
+    show_run_info(labelled, label_info, label_info_box)
+    found = checked.success(_ck(similar_audio), [sound, top_k2, model, browser_id], [similar, clip_paths, similar_info],
+                            api_name="similar_audio", **gpu_kw)
+    found.then(players, [similar, clip_paths], audio_players, api_visibility="private")
+    show_run_info(found, similar_info, similar_info_box)
     refresh = lambda: library_rows(checkpoint)  # noqa: E731
     ctx.tab.select(refresh, None, table, api_visibility="private", queue=False)
     ctx.demo.load(refresh, None, table, api_visibility="private", queue=False)

@@ -6,6 +6,7 @@ at once, and requests with the same prefix, options and adapter share one forwar
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,12 +20,17 @@ from mmdemo.models.generation import CAPTION_DEFAULTS
 from mmdemo.ui import gpu
 from mmdemo.ui.common import (
     adapter_path,
+    device_label,
+    empty_table,
     file_path,
     generation_options,
     model_selector,
     optional_owner,
     profile_of,
+    run_info,
+    run_info_box,
     serve_isolated,
+    show_run_info,
     user_errors,
 )
 from mmdemo.ui.context import ASSETS, CHECK_CONCURRENCY, GPU_QUEUE, UIContext
@@ -33,6 +39,10 @@ TITLE = "Caption"
 TASK = "caption"
 HEADERS = ["image", "caption"]
 MAX_IMAGES = 16  # per request; several users' requests are batched on top of this
+REFUSED = "Refused: "  # starts the row of a request refused while batched with other users' requests
+BEAMS_INFO = ("How many candidate captions are written side by side before the best is kept; more can read "
+              "better but take longer (1 is fastest).")
+MAX_NEW_INFO = "The longest caption allowed, in tokens (a token is a short word or a piece of a longer one)."
 
 
 def _paths(files) -> list[str]:
@@ -70,25 +80,32 @@ def check_request(files, prompt, num_beams, max_new_tokens, adapter, browser_id,
 
 
 @gpu.task(duration=60)
-def _run(groups: list[tuple[list[str], str | None, tuple[int, int], str | None]], checkpoint: str) -> list[list[str]]:
-    """One ``caption`` call (one forward pass per 16 images) per group of requests that can share it."""
+def _run(groups: list[tuple[list[str], str | None, tuple[int, int], str | None]],
+         checkpoint: str) -> tuple[list[list[str]], str, str]:
+    """One ``caption`` call (one forward pass per 16 images) per group of requests that can share it.
+
+    Also returns where it ran (in words) and the checkpoint, read here: on ZeroGPU only this function
+    runs on the GPU.
+    """
     model = gpu.loaded(TASK, checkpoint)
     out = []
     for images, prompt, (beams, max_new), adapter in groups:
         options = generation_options(beams, max_new, CAPTION_DEFAULTS)
         out.append(caption_model.caption(images, prompt, options, adapter=adapter, model=model))
-    return out
+    return out, device_label(model.device, model.dtype), model.checkpoint
 
 
 def caption_batch(files_list, prompts, beams_list, max_list, adapters, browser_ids=None, requests=None, *,
                   checkpoint: str | None = None):
-    """Batched handler: lists of requests in, a tuple holding one list of [image, caption] rows per request.
+    """Batched handler: lists of requests in; out, one list of [image, caption] rows per request and one line
+    of small print per request (device, model, adapter and the batch's wall time; blank for a refused one).
 
     Requests with the same prefix, options and adapter share one forward pass. A request that cannot be
     served (a bad file, a prefix too long, someone else's adapter, or a model call that fails on it alone)
     gets its error sentence as its caption when it was batched with others, so one user's bad request never
     fails the other users'; alone, it raises and the user sees ``gr.Error``.
     """
+    start = time.monotonic()
     n = len(files_list)
     browser_ids = browser_ids or [None] * n
     requests = requests if isinstance(requests, list) else [requests] * n
@@ -101,6 +118,8 @@ def caption_batch(files_list, prompts, beams_list, max_list, adapters, browser_i
         except MMDemoError as err:
             rows[i] = _failed(err, n)
 
+    ran: dict[str, str] = {}  # where the model ran, for the small print
+
     def call(part: dict) -> dict:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_images, prompt, opts, adapter) in part.items():
@@ -108,21 +127,29 @@ def caption_batch(files_list, prompts, beams_list, max_list, adapters, browser_i
         jobs = [([p for i in members for p in part[i][0]], prompt, (beams, max_new), adapter)
                 for (prompt, beams, max_new, adapter), members in groups.items()]
         out = {}
-        for members, captions in zip(groups.values(), _run(jobs, checkpoint)):
+        results, device, ran_on = _run(jobs, checkpoint)
+        ran.update(device=device, checkpoint=ran_on)
+        for members, captions in zip(groups.values(), results):
             it = iter(captions)
             for i in members:
                 out[i] = [[Path(p).name, next(it)] for p in part[i][0]]
         return out
 
+    served = set()
     for i, result in serve_isolated(call, work, "caption").items():
         rows[i] = _failed(result, n) if isinstance(result, MMDemoError) else result
-    return (rows,)
+        if not isinstance(result, MMDemoError):
+            served.add(i)
+    seconds = time.monotonic() - start
+    infos = [run_info(ran["device"], ran["checkpoint"], adapters[i], seconds, n) if i in served else ""
+             for i in range(n)]
+    return rows, infos
 
 
 def _failed(err: MMDemoError, n: int) -> list[list[str]]:
     if n == 1:
         raise err
-    return [["—", f"⚠️ {err}"]]
+    return [["—", f"{REFUSED}{err}"]]
 
 
 def preview(files) -> list[str]:
@@ -140,17 +167,23 @@ def build(ctx: UIContext) -> None:
     with gr.Row():
         with gr.Column():
             files = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="caption-files")
-            gallery = gr.Gallery(label="Preview", columns=4, height=180, interactive=False)
+            # four columns even for one image (by default one image fills the width and is cut off at the
+            # gallery's height), each image shown whole
+            gallery = gr.Gallery(label="Preview", columns=4, fit_columns=False, height=180, interactive=False,
+                                 object_fit="contain", elem_id="caption-preview")
             prompt = gr.Textbox(label="Prefix (optional)", placeholder="a picture of", elem_id="caption-prompt")
             with gr.Accordion("Decoding options", open=False):
-                beams = gr.Slider(1, 10, value=CAPTION_DEFAULTS.num_beams, step=1, label="Beams")
-                max_new = gr.Slider(1, 100, value=CAPTION_DEFAULTS.max_new_tokens, step=1, label="Max new tokens")
+                beams = gr.Slider(1, 10, value=CAPTION_DEFAULTS.num_beams, step=1, label="Beams", info=BEAMS_INFO)
+                max_new = gr.Slider(1, 100, value=CAPTION_DEFAULTS.max_new_tokens, step=1, label="Max new tokens",
+                                    info=MAX_NEW_INFO)
             adapter = model_selector(ctx, TASK)
             run = gr.Button("Caption", variant="primary", elem_id="caption-run")
         with gr.Column():
-            table = gr.Dataframe(headers=HEADERS, label="Captions", interactive=False, wrap=True,
-                                 elem_id="caption-output")
-    gr.Examples(examples(), inputs=[files, prompt], label="Examples (drawn by assets/make_assets.py)")
+            # fixed column widths: with wrap alone, a long caption runs past the table's right edge
+            table = gr.Dataframe(empty_table(HEADERS), headers=HEADERS, label="Captions", interactive=False,
+                                 wrap=True, column_widths=["30%", "70%"], elem_id="caption-output")
+            info, info_box = run_info_box("caption-info")
+    gr.Examples(examples(), inputs=[files, prompt], label="Examples: click one to fill in the images and prefix")
 
     inputs = [files, prompt, beams, max_new, adapter, ctx.browser_id]
 
@@ -163,9 +196,11 @@ def build(ctx: UIContext) -> None:
     files.change(preview, files, gallery, api_visibility="private")
     # The check is queued (a queued event's gr.Error reaches the page) and has no outputs, so a refused
     # request shows its sentence and leaves the captions already on screen as they are.
-    run.click(user_errors(check), inputs, None, api_visibility="private", concurrency_limit=CHECK_CONCURRENCY,
-              concurrency_id="check").success(
-        user_errors(handler), inputs, table, api_name="caption",
+    # The small print goes through a State: the API's answer stays the table alone.
+    ran = run.click(user_errors(check), inputs, None, api_visibility="private", concurrency_limit=CHECK_CONCURRENCY,
+                    concurrency_id="check").success(
+        user_errors(handler), inputs, [table, info], api_name="caption",
         batch=True, max_batch_size=ctx.max_batch_size, concurrency_id=GPU_QUEUE,
         concurrency_limit=ctx.gpu_concurrency,
     )
+    show_run_info(ran, info, info_box)

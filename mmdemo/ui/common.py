@@ -241,3 +241,80 @@ def file_path(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("path") or value.get("name")
     return getattr(value, "path", None) or getattr(value, "name", None)
+
+
+# ----------------------------------------------------------------------------------------------- plain words
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 clip``, ``2 clips``, ``0 clips`` (``many`` for irregular words: ``plural(2, "entry", "entries")``)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def empty_table(headers: list[str]):
+    """An empty table that still shows its column names (a bare ``gr.Dataframe`` may show ``1 | 2 | 3``)."""
+    import pandas as pd
+
+    return pd.DataFrame(columns=list(headers))
+
+
+def model_name(checkpoint: str | None) -> str:
+    """How the page names a checkpoint: a Hub id as it is, a local folder by its last part (never a server path)."""
+    text = str(checkpoint or "")
+    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.path.isdir(text)
+    return Path(text).name if local else text
+
+
+def device_label(device: str, dtype: Any = None) -> str:
+    """``CPU (float32)``, ``GPU, NVIDIA H100 (bfloat16)``: where a loaded model runs, in words."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        where = "GPU"
+        try:
+            import torch
+
+            where = f"GPU, {torch.cuda.get_device_name(device)}"
+        except Exception:  # noqa: BLE001 - the name is a nicety; "GPU" is still true
+            pass
+    elif kind == "mps":
+        where = "Apple GPU"
+    else:
+        where = kind.upper()
+    precision = str(dtype).removeprefix("torch.") if dtype is not None else ""
+    return f"{where} ({precision})" if precision else where
+
+
+def seconds_text(seconds: float) -> str:
+    """``8 ms``, ``2.41 s``, ``12.3 s``, ``1 min 15 s``."""
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))} ms"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {round(seconds % 60)} s"
+
+
+def run_info(device: str, checkpoint: str | None, adapter: str | None, seconds: float, together: int = 1) -> str:
+    """The small print under a tab's results: where it ran, on which model and adapter, and how long it took.
+
+    ``device`` comes from :func:`device_label`; ``adapter`` is the name the visitor chose (``base`` or none:
+    the base model); ``together`` is how many requests shared this call (the time is the whole call's).
+    """
+    adapter_text = "no adapter" if adapter in (None, "", BASE) else f"adapter {adapter}"
+    took = f"took {seconds_text(seconds)}"
+    if together > 1:
+        took += f" for {plural(together, 'request')} served together"
+    return f"Ran on {device} · model {model_name(checkpoint)} · {adapter_text} · {took}"
+
+
+def run_info_box(elem_id: str) -> tuple[gr.State, gr.Markdown]:
+    """A small-print line under a tab's results, and the State a model event fills it from.
+
+    The model event writes the line into the State (a State is not part of the public API's answer, so the
+    API's results keep their shape); :func:`show_run_info` then copies it into the page.
+    """
+    return gr.State(""), gr.Markdown("", elem_id=elem_id, elem_classes=["run-info"])
+
+
+def show_run_info(event, state: gr.State, box: gr.Markdown) -> None:
+    """After ``event``, show the line it left in ``state`` (the old line stays if it failed)."""
+    event.then(lambda line: line, state, box, api_visibility="private", queue=False)

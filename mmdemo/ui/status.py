@@ -1,7 +1,8 @@
 """Which models are loading, ready or failed: filled by a background warm-up thread, shown at the top of the page.
 
-The page gets one line per model (a Markdown list) and the terminal one line per model once it is
-ready or has failed, with the same sentence a click on that tab would then show.
+The page gets one line per model (a Markdown list) under a sentence saying where the models run, and the
+terminal one line per model once it is ready or has failed, with the same sentence a click on that tab
+would then show. A local checkpoint folder is named by its last part in the page (no server path).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 from mmdemo.errors import MMDemoError
 from mmdemo.models.registry import TASKS
 from mmdemo.ui import gpu
+from mmdemo.ui.common import device_label, model_name
 
 log = logging.getLogger(__name__)
 
-PENDING = {"waiting": "waiting to load", "loading": "loading…"}
+PENDING = {"waiting": "waiting for its turn to load", "loading": "loading (the first start can take a few minutes)"}
 
 
 def model_label(task: str, checkpoint: str | None) -> str:
@@ -35,6 +37,7 @@ class ModelStatus:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.state: dict[str, str] = {}  # task -> "waiting" | "loading" | "ready" | the failure sentence
+        self.devices: dict[str, str] = {}  # task -> where its model runs, in words (once ready)
         self.thread: threading.Thread | None = None
 
     def warm_up(self, checkpoints: dict[str, str], then: list[Callable[[], Any]] = ()) -> threading.Thread:
@@ -48,7 +51,7 @@ class ModelStatus:
                 self._set(task, "loading")
                 start = time.monotonic()
                 try:
-                    gpu.loaded(task, checkpoint)
+                    loaded = gpu.loaded(task, checkpoint)
                 except MMDemoError as err:
                     self._set(task, str(err))
                     say(f"{model_label(task, checkpoint)}: could not load — {err}")
@@ -56,6 +59,8 @@ class ModelStatus:
                     log.exception("loading %s failed", task)
                     self._set(task, f"{type(err).__name__}: {err}")
                 else:
+                    with self._lock:
+                        self.devices[task] = device_label(loaded.device, loaded.dtype)
                     self._set(task, "ready")
                     say(f"{model_label(task, checkpoint)}: ready ({time.monotonic() - start:.1f} s)")
             for hook in then:
@@ -83,21 +88,27 @@ class ModelStatus:
             return all(v not in PENDING for v in self.state.values())
 
     def markdown(self, checkpoints: dict[str, str]) -> str:
-        """One list item per model: ``Caption (blip-image-captioning-base): ready``, or why it could not load."""
+        """One list item per model: ``Caption (blip-image-captioning-base): ready``, or why it could not load,
+        under a sentence saying that each tab works once its model is ready, and where the models run."""
         with self._lock:
-            state = dict(self.state)
+            state, devices = dict(self.state), dict(self.devices)
         if not state:
             return ""
         lines = []
         for task, value in state.items():
-            label = model_label(task, checkpoints.get(task))
+            checkpoint = checkpoints.get(task)
+            label = model_label(task, checkpoint)
             if value == "ready":
                 lines.append(f"- {label}: ready")
             elif value in PENDING:
                 lines.append(f"- {label}: {PENDING[value]}")
             else:
+                if checkpoint and checkpoint != model_name(checkpoint):  # a local folder: its name, not its path
+                    value = value.replace(checkpoint, model_name(checkpoint))
                 lines.append(f"- {label}: **could not load** — {value}")
-        return "**Models**\n\n" + "\n".join(lines)
+        where = sorted(set(devices.values()))
+        runs_on = f" They run on {' and '.join(where)}." if where else ""
+        return f"**Models.** Each tab works once its model is ready.{runs_on}\n\n" + "\n".join(lines)
 
 
 def say(line: str) -> None:

@@ -6,6 +6,7 @@ options and adapter go through ``answer_pairs`` together.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import gradio as gr
@@ -18,13 +19,18 @@ from mmdemo.models.generation import VQA_DEFAULTS
 from mmdemo.ui import gpu
 from mmdemo.ui.common import (
     adapter_path,
+    device_label,
+    empty_table,
     file_path,
     generation_options,
     image_input,
     model_selector,
     optional_owner,
     profile_of,
+    run_info,
+    run_info_box,
     serve_isolated,
+    show_run_info,
     user_errors,
 )
 from mmdemo.ui.context import ASSETS, CHECK_CONCURRENCY, GPU_QUEUE, UIContext
@@ -33,6 +39,10 @@ TITLE = "Visual QA"
 TASK = "vqa"
 HEADERS = ["question", "answer"]
 MAX_QUESTIONS = 20
+REFUSED = "Refused: "  # starts the row of a request refused while batched with other users' requests
+BEAMS_INFO = ("How many candidate answers are written side by side before the best is kept; more can be "
+              "better but take longer (1 is fastest).")
+MAX_NEW_INFO = "The longest answer allowed, in tokens (a token is a short word or a piece of a longer one)."
 
 
 def split_questions(text: str | None) -> list[str]:
@@ -67,18 +77,22 @@ def check_request(image, questions, num_beams, max_new_tokens, adapter, browser_
 
 
 @gpu.task(duration=60)
-def _run(groups: list[tuple[list[tuple[str, str]], tuple[int, int], str | None]], checkpoint: str) -> list[list[str]]:
+def _run(groups: list[tuple[list[tuple[str, str]], tuple[int, int], str | None]],
+         checkpoint: str) -> tuple[list[list[str]], str, str]:
+    """The answers per group, where they were computed (in words) and the checkpoint (see caption._run)."""
     model = gpu.loaded(TASK, checkpoint)
     out = []
     for pairs, (beams, max_new), adapter in groups:
         options = generation_options(beams, max_new, VQA_DEFAULTS)
         out.append(vqa_model.answer_pairs(pairs, options, adapter=adapter, model=model))
-    return out
+    return out, device_label(model.device, model.dtype), model.checkpoint
 
 
 def vqa_batch(images, questions_list, beams_list, max_list, adapters, browser_ids=None, requests=None, *,
               checkpoint: str | None = None):
-    """Batched handler: one list of [question, answer] rows per request (see ``caption_batch``)."""
+    """Batched handler: one list of [question, answer] rows and one line of small print per request (see
+    ``caption_batch``)."""
+    start = time.monotonic()
     n = len(images)
     browser_ids = browser_ids or [None] * n
     requests = requests if isinstance(requests, list) else [requests] * n
@@ -92,6 +106,8 @@ def vqa_batch(images, questions_list, beams_list, max_list, adapters, browser_id
         except MMDemoError as err:
             rows[i] = _failed(err, n)
 
+    ran: dict[str, str] = {}  # where the model ran, for the small print
+
     def call(part: dict) -> dict:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_path, _asked, opts, adapter) in part.items():
@@ -100,21 +116,29 @@ def vqa_batch(images, questions_list, beams_list, max_list, adapters, browser_id
         jobs = [([(part[i][0], q) for i in members for q in part[i][1]], (beams, max_new), adapter)
                 for (beams, max_new, adapter), members in groups.items()]
         out = {}
-        for members, answers in zip(groups.values(), _run(jobs, checkpoint)):
+        results, device, ran_on = _run(jobs, checkpoint)
+        ran.update(device=device, checkpoint=ran_on)
+        for members, answers in zip(groups.values(), results):
             it = iter(answers)
             for i in members:
                 out[i] = [[q, next(it)] for q in part[i][1]]
         return out
 
+    served = set()
     for i, result in serve_isolated(call, work, "answer").items():
         rows[i] = _failed(result, n) if isinstance(result, MMDemoError) else result
-    return (rows,)
+        if not isinstance(result, MMDemoError):
+            served.add(i)
+    seconds = time.monotonic() - start
+    infos = [run_info(ran["device"], ran["checkpoint"], adapters[i], seconds, n) if i in served else ""
+             for i in range(n)]
+    return rows, infos
 
 
 def _failed(err: MMDemoError, n: int) -> list[list[str]]:
     if n == 1:
         raise err
-    return [["—", f"⚠️ {err}"]]
+    return [["—", f"{REFUSED}{err}"]]
 
 
 def examples() -> list[list]:
@@ -137,14 +161,16 @@ def build(ctx: UIContext) -> None:
             questions = gr.Textbox(label="Questions (one per line)", lines=3, elem_id="vqa-questions",
                                    placeholder="what color is the circle?\nhow many shapes are there?")
             with gr.Accordion("Decoding options", open=False):
-                beams = gr.Slider(1, 10, value=VQA_DEFAULTS.num_beams, step=1, label="Beams")
-                max_new = gr.Slider(1, 50, value=VQA_DEFAULTS.max_new_tokens, step=1, label="Max new tokens")
+                beams = gr.Slider(1, 10, value=VQA_DEFAULTS.num_beams, step=1, label="Beams", info=BEAMS_INFO)
+                max_new = gr.Slider(1, 50, value=VQA_DEFAULTS.max_new_tokens, step=1, label="Max new tokens",
+                                    info=MAX_NEW_INFO)
             adapter = model_selector(ctx, TASK)
             run = gr.Button("Answer", variant="primary", elem_id="vqa-run")
         with gr.Column():
-            table = gr.Dataframe(headers=HEADERS, label="Answers", interactive=False, wrap=True,
-                                 elem_id="vqa-output")
-    gr.Examples(examples(), inputs=[image, questions], label="Examples (drawn by assets/make_assets.py)")
+            table = gr.Dataframe(empty_table(HEADERS), headers=HEADERS, label="Answers", interactive=False,
+                                 wrap=True, column_widths=["55%", "45%"], elem_id="vqa-output")
+            info, info_box = run_info_box("vqa-info")
+    gr.Examples(examples(), inputs=[image, questions], label="Examples: click one to fill in the image and questions")
 
     inputs = [image, questions, beams, max_new, adapter, ctx.browser_id]
 
@@ -155,9 +181,11 @@ def build(ctx: UIContext) -> None:
         return vqa_batch(images, questions, beams, max_new, adapters, browser_ids, request, checkpoint=checkpoint)
 
     # A queued check with no outputs: a refused request shows its sentence, the answers on screen stay.
-    run.click(user_errors(check), inputs, None, api_visibility="private", concurrency_limit=CHECK_CONCURRENCY,
-              concurrency_id="check").success(
-        user_errors(handler), inputs, table, api_name="vqa",
+    # The small print goes through a State: the API's answer stays the table alone.
+    ran = run.click(user_errors(check), inputs, None, api_visibility="private", concurrency_limit=CHECK_CONCURRENCY,
+                    concurrency_id="check").success(
+        user_errors(handler), inputs, [table, info], api_name="vqa",
         batch=True, max_batch_size=ctx.max_batch_size, concurrency_id=GPU_QUEUE,
         concurrency_limit=ctx.gpu_concurrency,
     )
+    show_run_info(ran, info, info_box)
