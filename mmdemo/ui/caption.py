@@ -6,14 +6,13 @@ at once, and requests with the same prefix, options and adapter share one forwar
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import gradio as gr
 
 from mmdemo.config import get_settings
-from mmdemo.errors import InputError, MMDemoError
+from mmdemo.errors import InputError
 from mmdemo.media import load_image
 from mmdemo.models import caption as caption_model
 from mmdemo.models.generation import CAPTION_DEFAULTS
@@ -26,10 +25,8 @@ from mmdemo.ui.common import (
     generation_options,
     model_selector,
     optional_owner,
-    profile_of,
-    run_info,
     run_info_box,
-    serve_isolated,
+    serve_batch,
     show_run_info,
     user_errors,
 )
@@ -39,7 +36,6 @@ TITLE = "Caption"
 TASK = "caption"
 HEADERS = ["image", "caption"]
 MAX_IMAGES = 16  # per request; several users' requests are batched on top of this
-REFUSED = "Refused: "  # starts the row of a request refused while batched with other users' requests
 BEAMS_INFO = ("How many candidate captions are written side by side before the best is kept; more can read "
               "better but take longer (1 is fastest).")
 MAX_NEW_INFO = "The longest caption allowed, in tokens (a token is a short word or a piece of a longer one)."
@@ -105,51 +101,25 @@ def caption_batch(files_list, prompts, beams_list, max_list, adapters, browser_i
     gets its error sentence as its caption when it was batched with others, so one user's bad request never
     fails the other users'; alone, it raises and the user sees ``gr.Error``.
     """
-    start = time.monotonic()
-    n = len(files_list)
-    browser_ids = browser_ids or [None] * n
-    requests = requests if isinstance(requests, list) else [requests] * n
-    rows: list[list[list[str]] | None] = [None] * n
-    work = {}
-    for i in range(n):
-        try:
-            owner = optional_owner(browser_ids[i], profile_of(requests[i]))
-            work[i] = _prepare(files_list[i], prompts[i], beams_list[i], max_list[i], adapters[i], owner, checkpoint)
-        except MMDemoError as err:
-            rows[i] = _failed(err, n)
 
-    ran: dict[str, str] = {}  # where the model ran, for the small print
+    def prepare(i: int, owner: str | None):
+        return _prepare(files_list[i], prompts[i], beams_list[i], max_list[i], adapters[i], owner, checkpoint)
 
-    def call(part: dict) -> dict:
+    def call(part: dict) -> tuple[dict, str, str]:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_images, prompt, opts, adapter) in part.items():
             groups[(prompt, opts.num_beams, opts.max_new_tokens, adapter)].append(i)
         jobs = [([p for i in members for p in part[i][0]], prompt, (beams, max_new), adapter)
                 for (prompt, beams, max_new, adapter), members in groups.items()]
-        out = {}
         results, device, ran_on = _run(jobs, checkpoint)
-        ran.update(device=device, checkpoint=ran_on)
+        out = {}
         for members, captions in zip(groups.values(), results):
             it = iter(captions)
             for i in members:
                 out[i] = [[Path(p).name, next(it)] for p in part[i][0]]
-        return out
+        return out, device, ran_on
 
-    served = set()
-    for i, result in serve_isolated(call, work, "caption").items():
-        rows[i] = _failed(result, n) if isinstance(result, MMDemoError) else result
-        if not isinstance(result, MMDemoError):
-            served.add(i)
-    seconds = time.monotonic() - start
-    infos = [run_info(ran["device"], ran["checkpoint"], adapters[i], seconds, n) if i in served else ""
-             for i in range(n)]
-    return rows, infos
-
-
-def _failed(err: MMDemoError, n: int) -> list[list[str]]:
-    if n == 1:
-        raise err
-    return [["—", f"{REFUSED}{err}"]]
+    return serve_batch(len(files_list), prepare, call, "caption", adapters, browser_ids, requests)
 
 
 def preview(files) -> list[str]:

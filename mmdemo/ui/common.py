@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import secrets
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -219,6 +220,56 @@ def serve_isolated(call: Callable[[dict[int, Any]], dict[int, Any]], work: dict[
             out[i] = MMDemoError(f"The model could not {what} this request ({type(err).__name__}); try again "
                                  f"with fewer or smaller inputs.")
     return out
+
+
+REFUSED = "Refused: "  # starts the row of a request refused while batched with other users' requests
+
+
+def serve_batch(n: int, prepare: Callable[[int, str | None], Any],
+                call: Callable[[dict[int, Any]], tuple[dict[int, Any], str, str]], what: str,
+                adapters: list, browser_ids: list | None = None, requests: Any = None) -> tuple[list, list[str]]:
+    """The shared skeleton of a batched tab handler (Caption, Visual QA): ``n`` users' requests in one go.
+
+    ``prepare(i, owner)`` checks request ``i`` and returns its work (raising ``MMDemoError``);
+    ``call({i: work})`` runs the model on several requests and returns ``({i: rows}, device, checkpoint)``.
+    Returns one list of rows per request and one line of small print per request (blank when refused).
+    A refused request gets its sentence as its only row when it was batched with others; alone, it raises
+    (the user sees ``gr.Error``). Model failures are narrowed to the failing request (:func:`serve_isolated`).
+    """
+    start = time.monotonic()
+    browser_ids = browser_ids or [None] * n
+    requests = requests if isinstance(requests, list) else [requests] * n
+    rows: list = [None] * n
+    work = {}
+    for i in range(n):
+        try:
+            work[i] = prepare(i, optional_owner(browser_ids[i], profile_of(requests[i])))
+        except MMDemoError as err:
+            rows[i] = _refused_row(err, n)
+    ran: dict[str, str] = {}  # where the model ran, for the small print
+
+    def counted(part: dict[int, Any]) -> dict[int, Any]:
+        out, device, checkpoint = call(part)
+        ran.update(device=device, checkpoint=checkpoint)
+        return out
+
+    served = set()
+    for i, result in serve_isolated(counted, work, what).items():
+        if isinstance(result, MMDemoError):
+            rows[i] = _refused_row(result, n)
+        else:
+            rows[i] = result
+            served.add(i)
+    seconds = time.monotonic() - start
+    infos = [run_info(ran["device"], ran["checkpoint"], adapters[i], seconds, n) if i in served else ""
+             for i in range(n)]
+    return rows, infos
+
+
+def _refused_row(err: MMDemoError, n: int) -> list[list[str]]:
+    if n == 1:
+        raise err
+    return [["—", f"{REFUSED}{err}"]]
 
 
 def generation_options(num_beams: Any, max_new_tokens: Any, defaults: GenerationOptions) -> GenerationOptions:

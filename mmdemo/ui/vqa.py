@@ -6,13 +6,12 @@ options and adapter go through ``answer_pairs`` together.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import gradio as gr
 
 from mmdemo.config import get_settings
-from mmdemo.errors import InputError, MMDemoError
+from mmdemo.errors import InputError
 from mmdemo.media import load_image
 from mmdemo.models import vqa as vqa_model
 from mmdemo.models.generation import VQA_DEFAULTS
@@ -26,10 +25,8 @@ from mmdemo.ui.common import (
     image_input,
     model_selector,
     optional_owner,
-    profile_of,
-    run_info,
     run_info_box,
-    serve_isolated,
+    serve_batch,
     show_run_info,
     user_errors,
 )
@@ -39,7 +36,6 @@ TITLE = "Visual QA"
 TASK = "vqa"
 HEADERS = ["question", "answer"]
 MAX_QUESTIONS = 20
-REFUSED = "Refused: "  # starts the row of a request refused while batched with other users' requests
 BEAMS_INFO = ("How many candidate answers are written side by side before the best is kept; more can be "
               "better but take longer (1 is fastest).")
 MAX_NEW_INFO = "The longest answer allowed, in tokens (a token is a short word or a piece of a longer one)."
@@ -92,53 +88,25 @@ def vqa_batch(images, questions_list, beams_list, max_list, adapters, browser_id
               checkpoint: str | None = None):
     """Batched handler: one list of [question, answer] rows and one line of small print per request (see
     ``caption_batch``)."""
-    start = time.monotonic()
-    n = len(images)
-    browser_ids = browser_ids or [None] * n
-    requests = requests if isinstance(requests, list) else [requests] * n
-    rows: list[list[list[str]] | None] = [None] * n
-    work = {}
-    for i in range(n):
-        try:
-            owner = optional_owner(browser_ids[i], profile_of(requests[i]))
-            work[i] = _prepare(images[i], questions_list[i], beams_list[i], max_list[i], adapters[i], owner,
-                               checkpoint)
-        except MMDemoError as err:
-            rows[i] = _failed(err, n)
+    def prepare(i: int, owner: str | None):
+        return _prepare(images[i], questions_list[i], beams_list[i], max_list[i], adapters[i], owner, checkpoint)
 
-    ran: dict[str, str] = {}  # where the model ran, for the small print
-
-    def call(part: dict) -> dict:
+    def call(part: dict) -> tuple[dict, str, str]:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_path, _asked, opts, adapter) in part.items():
             groups[(opts.num_beams, opts.max_new_tokens, adapter)].append(i)
         # the same path object for every question of a request: answer_pairs encodes that image once
         jobs = [([(part[i][0], q) for i in members for q in part[i][1]], (beams, max_new), adapter)
                 for (beams, max_new, adapter), members in groups.items()]
-        out = {}
         results, device, ran_on = _run(jobs, checkpoint)
-        ran.update(device=device, checkpoint=ran_on)
+        out = {}
         for members, answers in zip(groups.values(), results):
             it = iter(answers)
             for i in members:
                 out[i] = [[q, next(it)] for q in part[i][1]]
-        return out
+        return out, device, ran_on
 
-    served = set()
-    for i, result in serve_isolated(call, work, "answer").items():
-        rows[i] = _failed(result, n) if isinstance(result, MMDemoError) else result
-        if not isinstance(result, MMDemoError):
-            served.add(i)
-    seconds = time.monotonic() - start
-    infos = [run_info(ran["device"], ran["checkpoint"], adapters[i], seconds, n) if i in served else ""
-             for i in range(n)]
-    return rows, infos
-
-
-def _failed(err: MMDemoError, n: int) -> list[list[str]]:
-    if n == 1:
-        raise err
-    return [["—", f"{REFUSED}{err}"]]
+    return serve_batch(len(images), prepare, call, "answer", adapters, browser_ids, requests)
 
 
 def examples() -> list[list]:
