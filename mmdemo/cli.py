@@ -63,10 +63,10 @@ def cmd_caption(args) -> int:
     from mmdemo.config import get_settings
     from mmdemo.media import load_image
     from mmdemo.models.caption import caption
-    from mmdemo.models.generation import CAPTION_DEFAULTS
+    from mmdemo.models.generation import CAPTION_DEFAULTS, for_adapter
     from mmdemo.models.loading import load
 
-    options = _generation(args, CAPTION_DEFAULTS)
+    options = _generation(args, for_adapter(CAPTION_DEFAULTS, args.adapter))
     limits = get_settings().limits
     images = [load_image(p, limits) for p in args.images]  # all checked before the model loads
     loaded = load("caption", args.model, device=args.device)
@@ -83,11 +83,11 @@ def cmd_caption(args) -> int:
 
 
 def cmd_vqa(args) -> int:
-    from mmdemo.models.generation import VQA_DEFAULTS
+    from mmdemo.models.generation import VQA_DEFAULTS, for_adapter
     from mmdemo.models.loading import load
     from mmdemo.models.vqa import answer, clean_questions
 
-    options = _generation(args, VQA_DEFAULTS)
+    options = _generation(args, for_adapter(VQA_DEFAULTS, args.adapter))
     questions = clean_questions(args.question)
     from mmdemo.config import get_settings
     from mmdemo.media import load_image

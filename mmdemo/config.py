@@ -10,6 +10,10 @@ Env vars:
     MMDEMO_MAX_IMAGE_PIXELS, MMDEMO_MAX_IMAGE_MB, MMDEMO_MAX_AUDIO_MB, MMDEMO_MAX_AUDIO_SECONDS  input limits
     MMDEMO_MIN_AUDIO_SECONDS shortest audio clip accepted (default 0.1)
     MMDEMO_MAX_QUEUED_JOBS   fine-tuning jobs one user may have waiting or running at once (default 3)
+    MMDEMO_KEEP_RUNS_DAYS    days a finished fine-tuning job keeps its run folder (dataset copy, checkpoints, log)
+                             and its per-step progress records; fractions allowed; ``0`` or ``forever`` keeps them
+                             forever (default 7). The job's record, scores and adapter stay: adapters are kept
+                             until their owner deletes them.
 
 :func:`ensure_writable` checks that a data folder (``MMDEMO_HOME``) can be written before anything relies on it.
 """
@@ -17,6 +21,7 @@ Env vars:
 from __future__ import annotations
 
 import errno
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +40,20 @@ def _env_float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise InputError(f"{name} must be a number, but it is {raw!r}.") from None
+
+
+def _env_days(name: str, default: float) -> float:
+    """A number of days; ``forever`` (any case) is 0, which means no limit."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    if raw.lower() == "forever":
+        return 0.0
+    try:
+        return float(raw)
+    except ValueError:
+        raise InputError(f"{name} must be a number of days (0 or forever keeps finished runs forever), "
+                         f"but it is {raw!r}.") from None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -87,10 +106,15 @@ class Settings:
     dtype: str | None = None
     limits: Limits = field(default_factory=Limits)
     max_queued_jobs: int = 3  # per user, waiting or running: one user cannot fill the GPU queue for everyone
+    # a finished job's run folder and per-step records are deleted this many days after it ended; 0: never
+    keep_runs_days: float = 7.0
 
     def __post_init__(self) -> None:
         if self.max_queued_jobs < 1:
             raise InputError(f"MMDEMO_MAX_QUEUED_JOBS must be 1 or more, not {self.max_queued_jobs}.")
+        if not math.isfinite(self.keep_runs_days) or self.keep_runs_days < 0:
+            raise InputError(f"MMDEMO_KEEP_RUNS_DAYS must be 0 or more days (0 or forever keeps finished runs "
+                             f"forever), not {self.keep_runs_days:g}.")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise InputError(f"MMDEMO_DTYPE must be one of {', '.join(_DTYPES)}, not {self.dtype!r}.")
         if self.device is not None and self.device.split(":")[0] not in ("cuda", "mps", "cpu"):
@@ -110,7 +134,13 @@ class Settings:
             dtype=os.environ.get("MMDEMO_DTYPE") or None,
             limits=Limits.from_env(),
             max_queued_jobs=_env_int("MMDEMO_MAX_QUEUED_JOBS", cls.max_queued_jobs),
+            keep_runs_days=_env_days("MMDEMO_KEEP_RUNS_DAYS", cls.keep_runs_days),
         )
+
+    @property
+    def keep_runs_seconds(self) -> float | None:
+        """How long a finished job's run folder is kept, in seconds; ``None``: forever."""
+        return self.keep_runs_days * 86400 if self.keep_runs_days > 0 else None
 
     # Folders under MMDEMO_HOME; created on first use, never at import.
     @property

@@ -2,8 +2,9 @@
 
 Download the example dataset, upload a dataset and read its report, name the adapter, read the Advanced
 settings, be refused an impossible value and a double submit, submit, reload mid-job and find the job panel
-filled, wait for the end, read the verdict, use the adapter in the Caption tab and get the caption the
-held-out table shows, download, rename and delete the adapter. Each step checks the text a person reads.
+filled, wait for the end, read the verdict and how much space the jobs and adapters take, use the adapter in the
+Caption tab and get the caption the held-out table shows, download, rename and delete the adapter. Each step checks
+the text a person reads.
 Screenshots of a running and a finished job go to ``test-artifacts/screenshots/`` (and ``docs/screenshots/``
 with ``MMDEMO_UPDATE_SCREENSHOTS=1``).
 """
@@ -191,6 +192,11 @@ def test_the_fine_tune_journey(page, tmp_path):
     expect(verdict).to_contain_text("Use it: pick my-shapes in the Model list of the Caption tab")
     expect(page.locator("#ft-metrics")).to_contain_text("BLEU-4")
     expect(page.locator("#ft-metrics-help")).to_contain_text("higher is better")
+    # how much space this visitor's jobs and adapters take, and how long they are kept
+    space = page.locator("#ft-space")
+    expect(space).to_contain_text(re.compile(r"Your jobs and adapters use [\d.,]+ (bytes|KB|MB) on this server"))
+    expect(space).to_contain_text("are deleted 7 days after it ends")
+    expect(space).to_contain_text("adapters are kept until you delete them")
     examples = page.locator("#ft-examples")
     expect(examples).to_contain_text("fine-tuned model")
     image, adapter_caption, _expected, _base = _first_row(examples)

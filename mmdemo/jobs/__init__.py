@@ -13,11 +13,12 @@ Public API (the Fine-tune tab and the CLI use only this)::
     jobs.rename_adapter(name, "shapes-v2", "alice"); jobs.delete_adapter(name, "alice")
     jobs.estimate_seconds("caption", steps)   # from the timings of earlier jobs here, or None
     jobs.log_file(job.id, "alice")   # a private copy of the worker's log, for download
+    jobs.disk_usage("alice")         # bytes of alice's run folders and adapters: {"jobs", "adapters", "total"}
     jobs.finetune(task, data, out, ...)   # the training itself, in the foreground (CLI, worker)
 
 Modules: ``queue`` (JobQueue interface + SQLite backend), ``dispatcher`` (worker processes, recovery),
 ``worker`` (one job), ``train`` (Trainer + peft LoRA), ``evaluate`` (metrics), ``adapters`` (artifacts),
-``cli`` (``python -m mmdemo finetune``).
+``retention`` (what is kept on disk and for how long, clean-ups, disk usage), ``cli`` (``python -m mmdemo finetune``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from mmdemo.jobs.queue import (
     new_job_id,
     too_many_jobs,
 )
+from mmdemo.jobs.retention import disk_usage, keep_words, size_words
 from mmdemo.jobs.train import PRESETS, JobCancelled, Progress, TrainConfig, finetune, training_plan
 from mmdemo.models.registry import get_task
 
@@ -173,6 +175,9 @@ def log_file(job_id: str, owner: str | None, queue: JobQueue | None = None) -> P
     job = queue.get(job_id, owner)
     source = queue.run_dir(job.id) / "log.txt"
     text = source.read_text(encoding="utf-8", errors="replace") if source.is_file() else ""
+    if not text and job.cleaned:
+        text = ("This job's log was deleted with the rest of its run folder: this server keeps a finished job's "
+                "files for a limited time (MMDEMO_KEEP_RUNS_DAYS). Its scores stay in the job list.\n")
     home = get_settings().home
     for prefix in sorted({str(home.resolve()), str(home.absolute())}, key=len, reverse=True):
         text = text.replace(prefix, "MMDEMO_HOME")
@@ -231,7 +236,7 @@ def wait(job_id: str, timeout: float = 300, queue: JobQueue | None = None, poll:
 __all__ = [
     "FINAL", "PRESETS", "STATES", "DatasetReport", "Dispatcher", "Job", "JobCancelled", "JobQueue", "Problem",
     "Progress", "SQLiteQueue", "TrainConfig", "cancel", "check_name", "dataset_fingerprint", "default_name",
-    "delete_adapter", "estimate_seconds", "events", "finetune", "get", "get_queue", "inspect_dataset",
-    "list_adapters", "list_jobs", "load_dataset", "log_file", "log_tail", "publish_adapter", "rename_adapter",
-    "resolve_adapter", "start_dispatcher", "submit", "training_plan", "wait", "zip_adapter",
+    "delete_adapter", "disk_usage", "estimate_seconds", "events", "finetune", "get", "get_queue", "inspect_dataset",
+    "keep_words", "list_adapters", "list_jobs", "load_dataset", "log_file", "log_tail", "publish_adapter", "rename_adapter",
+    "resolve_adapter", "size_words", "start_dispatcher", "submit", "training_plan", "wait", "zip_adapter",
 ]

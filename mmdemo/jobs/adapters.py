@@ -262,14 +262,23 @@ def private_download_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX))
 
 
-def _clean_downloads(max_age: float = DOWNLOAD_SECONDS) -> None:
+def stale_downloads(max_age: float = DOWNLOAD_SECONDS) -> list[Path]:
+    """This app's download folders (adapter zips, log copies) in the system's temporary folder older than
+    ``max_age`` seconds: the web server copied their file to its own cache long ago."""
     now = time.time()
+    found = []
     for old in Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*"):
         try:
-            if now - old.stat().st_mtime > max_age:
-                shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink() and now - old.stat().st_mtime > max_age:
+                found.append(old)
         except OSError:
             continue
+    return found
+
+
+def _clean_downloads(max_age: float = DOWNLOAD_SECONDS) -> None:
+    for old in stale_downloads(max_age):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def publish_adapter(name: str, repo_id: str, token: str | None, owner: str | None = None,

@@ -73,7 +73,7 @@ def add_finetune_parser(subparsers) -> None:
     p.add_argument("--epochs", type=_positive)
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--rank", type=_positive, help="LoRA rank")
-    p.add_argument("--alpha", type=_positive, help="LoRA alpha")
+    p.add_argument("--alpha", type=_positive, help="LoRA alpha (default: twice --rank, the presets' ratio)")
     p.add_argument("--batch-size", type=_positive)
     p.add_argument("--min-steps", type=int, help="train at least this many steps")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: best available)")

@@ -10,7 +10,10 @@ It runs as a daemon thread in the app (:func:`start_dispatcher`) or in the foreg
    a grace period), which frees the GPU;
 3. requeues running jobs whose worker is gone (the app or the machine was restarted): they resume from
    their last checkpoint; a worker that outlived the app (it runs in its own session) is left to finish;
-4. starts queued jobs while fewer than ``slots`` run (``MMDEMO_JOB_SLOTS``; default one per GPU, 1 on CPU).
+4. starts queued jobs while fewer than ``slots`` run (``MMDEMO_JOB_SLOTS``; default one per GPU, 1 on CPU);
+5. at its first step and every ``CLEAN_SECONDS`` after, deletes half-written files that interrupted processes
+   left behind (one warning line says what) and cleans finished jobs older than ``MMDEMO_KEEP_RUNS_DAYS`` (see
+   :mod:`mmdemo.jobs.retention`).
 
 When a step fails (a full or read-only data folder, a database hiccup) the error is logged once, with its
 traceback, the loop backs off up to ``MAX_BACKOFF_SECONDS`` and says once when it works again.
@@ -27,9 +30,10 @@ import threading
 import time
 from pathlib import Path
 
-from mmdemo.config import folder_problem
+from mmdemo.config import folder_problem, get_settings
 from mmdemo.errors import JobError
 from mmdemo.jobs.queue import Job, SQLiteQueue, _signal, get_queue, pid_alive
+from mmdemo.jobs.retention import CLEAN_SECONDS, clean_expired, clean_leftovers, keep_words
 from mmdemo.jobs.worker import smaller_settings
 
 log = logging.getLogger(__name__)
@@ -68,10 +72,14 @@ def default_slots() -> int:
 
 
 class Dispatcher:
-    def __init__(self, queue: SQLiteQueue | None = None, slots: int | None = None, poll: float = 0.5):
+    def __init__(self, queue: SQLiteQueue | None = None, slots: int | None = None, poll: float = 0.5,
+                 clean_every: float = CLEAN_SECONDS):
         self.queue = queue or get_queue()
         self.slots = slots or default_slots()
         self.poll = poll
+        self.clean_every = clean_every
+        self._next_clean = 0.0  # time.monotonic() of the next clean-up; the first step does one
+        self._cleaned_once = False
         self.children: dict[str, subprocess.Popen] = {}
         self.cancel_seen: dict[str, float] = {}
         self._stop = threading.Event()
@@ -150,11 +158,35 @@ class Dispatcher:
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True, cwd=root)
 
+    def clean_up(self, force: bool = False) -> None:
+        """Delete leftovers of interrupted processes and clean expired finished jobs, at most every
+        ``clean_every`` seconds (``force``: now). A failure waits for the next turn: it must not hold up jobs."""
+        now = time.monotonic()
+        if not force and now < self._next_clean:
+            return
+        self._next_clean = now + self.clean_every
+        first, self._cleaned_once = not self._cleaned_once, True
+        leftovers = clean_leftovers(self.queue)
+        if leftovers:
+            # a warning when something had been interrupted (it must be seen without log config); expired
+            # download folders alone are routine
+            say = log.warning if set(leftovers.counts) - {"download"} else log.info
+            say("%s removed %s.", "Start-up clean-up" if first else "Clean-up", leftovers.summary())
+        settings = get_settings()
+        expired = clean_expired(self.queue, settings.keep_runs_seconds)
+        if expired:
+            log.info("Deleted %s, finished more than %s ago (MMDEMO_KEEP_RUNS_DAYS); their adapters are kept.",
+                     expired.summary(), keep_words(settings.keep_runs_days))
+        if expired.failed:
+            log.warning("Could not delete the run folders of %d finished jobs (%s); trying again at the next "
+                        "clean-up.", len(expired.failed), ", ".join(expired.failed[:5]))
+
     def step(self) -> None:
         self.reap()
         self.enforce_cancels()
         self.recover()
         self.start_jobs()
+        self.clean_up()
 
     # ---------------------------------------------------------------------------------------------- running
     def run_forever(self) -> None:

@@ -10,6 +10,12 @@ finished job's row holds the training steps it ran (phase ``finished``). A job a
 the adapter it makes (``label``), a fingerprint of its dataset (two identical jobs of one owner are refused while
 the first waits or runs) and its training plan (steps and epochs, from :func:`mmdemo.jobs.train.training_plan`).
 
+Progress is one record per training step; a long job stores only ``STEP_EVENTS`` of them, evenly spaced (plus the
+first after any other record and the last before training stopped), so its events stay bounded while the row keeps
+the latest step. A finished job older than ``MMDEMO_KEEP_RUNS_DAYS`` is *cleaned* (see :mod:`mmdemo.jobs.retention`):
+its run folder goes and its step records are thinned to the milestones the timeline shows; the row, with its result,
+stays (``cleaned`` says when).
+
 States: queued -> running -> succeeded | failed | cancelled. A running job whose worker disappeared (app or
 machine restart, a worker killed for memory) goes back to queued and resumes from its last checkpoint; each
 claim counts an attempt, and after ``MAX_ATTEMPTS`` the job fails with the cause instead of looping.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -60,8 +67,9 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 """
 # columns added after the first release: a database made before them gets them at open (ALTER TABLE)
-_ADDED_COLUMNS = {"label": "TEXT", "fingerprint": "TEXT", "plan": "TEXT"}
+_ADDED_COLUMNS = {"label": "TEXT", "fingerprint": "TEXT", "plan": "TEXT", "cleaned": "REAL"}
 ACTIVE = ("queued", "running")
+STEP_EVENTS = 500  # per-step training records stored per job, evenly spaced (the chart draws at most 1,000 points)
 
 
 @dataclass
@@ -93,6 +101,7 @@ class Job:
     label: str | None = None  # the adapter's display name, chosen at submit (the folder keeps ``name``)
     fingerprint: str | None = None  # of the dataset as uploaded: same data, task and settings = a duplicate
     plan: dict | None = None  # training plan: steps, epochs, examples (see train.training_plan)
+    cleaned: float | None = None  # when its run folder was deleted and its step records thinned (retention)
     position: int | None = None  # 1 = next to run (queued jobs only)
 
     @property
@@ -107,7 +116,7 @@ class Job:
         """A JSON-able view for the UI and the API (no internal fields such as the pid)."""
         keys = ("id", "task", "model", "preset", "config", "name", "label", "state", "position", "created",
                 "started", "finished", "phase", "step", "total", "loss", "eta", "error", "note", "result",
-                "attempts", "plan", "cancel_requested")
+                "attempts", "plan", "cancel_requested", "cleaned")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -129,6 +138,9 @@ class JobQueue(Protocol):
     def requeue(self, job_id: str, cause: str, error: str | None = None) -> None: ...
     def release(self, job_id: str) -> None: ...
     def run_dir(self, job_id: str) -> Path: ...
+    # retention (mmdemo.jobs.retention)
+    def expired(self, before: float) -> list[str]: ...
+    def clean(self, job_id: str) -> bool: ...
 
 
 class SQLiteQueue:
@@ -367,24 +379,57 @@ class SQLiteQueue:
         return bool(row and row[0])
 
     def progress(self, job_id: str, record: dict, update_job: bool = True) -> None:
-        """Append a progress record; the job row keeps the latest phase/step/loss/ETA for the job list."""
+        """Append a progress record; the job row keeps the latest phase/step/loss/ETA for the job list.
+
+        A training step's record is stored only when it is one of ``STEP_EVENTS`` evenly spaced steps, the last
+        step, or the first after any other record; the row is updated at every step all the same, and before any
+        other record the latest step is stored, so each stretch of training ends with the step it really reached.
+        """
         now = time.time()
         with self._db(write=True) as db:
-            db.execute("INSERT INTO events (job_id, time, record) VALUES (?, ?, ?)", (job_id, now, json.dumps(record)))
+            if not is_step_record(record):
+                self._flush_step(db, job_id)
+                store = True
+            else:
+                store = keeps_step(record["step"], record.get("total") or 0) or not self._last_is_step(db, job_id)
+            if store:
+                db.execute("INSERT INTO events (job_id, time, record) VALUES (?, ?, ?)",
+                           (job_id, now, json.dumps(record)))
             if update_job:
                 db.execute("UPDATE jobs SET phase=COALESCE(?, phase), step=?, total=?, loss=COALESCE(?, loss), "
                            "eta=?, heartbeat=? WHERE id=?",
                            (record.get("phase"), record.get("step"), record.get("total"), record.get("loss"),
                             record.get("eta"), now, job_id))
 
+    def _last_is_step(self, db: sqlite3.Connection, job_id: str) -> bool:
+        row = db.execute("SELECT record FROM events WHERE job_id=? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+        return row is not None and is_step_record(json.loads(row["record"]))
+
+    def _flush_step(self, db: sqlite3.Connection, job_id: str) -> None:
+        """Store the row's latest training step if the evenly spaced records skipped it (the last record stored is
+        an earlier step), so a stretch of training ends where it stopped (a cancel, a failure, a killed worker)."""
+        row = db.execute("SELECT phase, step, total, loss FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None or row["phase"] != "training" or row["step"] is None or row["loss"] is None:
+            return
+        last = db.execute("SELECT record FROM events WHERE job_id=? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+        record = json.loads(last["record"]) if last is not None else {}
+        if is_step_record(record) and record["step"] != row["step"]:  # else nothing was skipped since the last one
+            step = {"phase": "training", "step": row["step"], "total": row["total"], "loss": row["loss"]}
+            db.execute("INSERT INTO events (job_id, time, record) VALUES (?, ?, ?)",
+                       (job_id, time.time(), json.dumps(step)))
+
     def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None:
         """Record the outcome. A succeeded job's row then holds what it trained (phase ``finished``, the steps
-        done of the steps planned); a failed or cancelled one keeps the phase and step where it stopped."""
+        done of the steps planned) and its loss log thinned like its step records; a failed or cancelled one
+        keeps the phase and step where it stopped."""
         if state not in FINAL:
             raise ValueError(state)
         training = (result or {}).get("training") or {}
         done, planned = training.get("steps_done"), training.get("steps")
+        if result is not None and isinstance(result.get("losses"), list):
+            result = {**result, "losses": thin_losses(result["losses"], planned or 0)}
         with self._db(write=True) as db:
+            self._flush_step(db, job_id)  # before the row says "finished"
             db.execute("UPDATE jobs SET state=?, finished=?, result=COALESCE(?, result), error=?, pid=NULL, eta=NULL, "
                        "phase=CASE WHEN ?='succeeded' THEN 'finished' ELSE phase END, step=COALESCE(?, step), "
                        "total=COALESCE(?, total) WHERE id=? AND state IN ('running', 'queued')",
@@ -435,6 +480,40 @@ class SQLiteQueue:
         with self._db() as db:
             rows = db.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
         return [self._job(r) for r in rows]
+
+    def expired(self, before: float) -> list[str]:
+        """Finished (succeeded, failed, cancelled) jobs that ended before ``before`` and are not cleaned yet."""
+        with self._db() as db:
+            rows = db.execute(f"SELECT id FROM jobs WHERE state IN {FINAL} AND cleaned IS NULL "
+                              f"AND COALESCE(finished, created) < ? ORDER BY finished", (before,)).fetchall()
+        return [r["id"] for r in rows]
+
+    def clean(self, job_id: str) -> bool:
+        """Delete a finished job's run folder (dataset copy, checkpoints, log) and thin its step records to the
+        milestones its timeline shows; the row and its result (scores, examples, loss log) stay. An adapter lives
+        elsewhere and is not touched. Returns False, doing nothing, for a job that is not finished, and when the
+        run folder could not be deleted (the next clean-up tries again)."""
+        job = self.get(job_id)
+        if job.state not in FINAL:
+            return False
+        run_dir = self.run_dir(job.id)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.exists():
+            return False
+        events = self.events(job.id)
+        keep = milestones(events)
+        drop = [e["seq"] for e in events if is_step_record(e) and e["seq"] not in keep]
+        result = job.result
+        if result is not None and isinstance(result.get("losses"), list):  # rows written before losses were thinned
+            total = ((result.get("training") or {}).get("steps")) or 0
+            result = {**result, "losses": thin_losses(result["losses"], total)}
+        with self._db(write=True) as db:
+            for start in range(0, len(drop), 500):
+                chunk = drop[start:start + 500]
+                db.execute(f"DELETE FROM events WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
+            db.execute(f"UPDATE jobs SET cleaned=?, result=COALESCE(?, result) WHERE id=? AND state IN {FINAL}",
+                       (time.time(), json.dumps(result) if result is not None else None, job.id))
+        return True
 
     def delete(self, job_id: str, owner: str | None = None) -> None:
         """Forget a finished job and its run folder (its adapter stays)."""
@@ -502,6 +581,49 @@ def checkpoint_step(run_dir: Path) -> int | None:
     return max(steps, default=None)
 
 
+def is_step_record(record: dict) -> bool:
+    """A training step's record (a loss, no sentence): the kind a job writes thousands of."""
+    return (record.get("phase") == "training" and record.get("loss") is not None and not record.get("message")
+            and isinstance(record.get("step"), int))
+
+
+def keeps_step(step: int, total: int) -> bool:
+    """Is ``step`` one of the ``STEP_EVENTS`` evenly spaced steps of ``total`` that are stored (the last always)?"""
+    if total <= STEP_EVENTS:
+        return True
+    return step % math.ceil(total / STEP_EVENTS) == 0 or step >= total
+
+
+def thin_losses(losses: list[dict], total: int) -> list[dict]:
+    """A loss log (``{"step", "loss"}`` per step) thinned like the step records: the same steps, first and last
+    always kept."""
+    total = total or max((int(x.get("step") or 0) for x in losses), default=0)
+    return [x for i, x in enumerate(losses)
+            if i in (0, len(losses) - 1) or keeps_step(int(x.get("step") or 0), total)]
+
+
+def milestones(events: list[dict]) -> set[int]:
+    """The ``seq`` of the step records a cleaned job keeps: the first and last of each stretch of training (the
+    timeline's "the loss went from ... to ...") and the first in each quarter of the steps (its progress lines)."""
+    keep: set[int] = set()
+    quarters: set[int] = set()
+    stretch: list[dict] = []
+    for ev in [*events, {"phase": "end"}]:
+        if ev.get("phase") == "training":
+            if is_step_record(ev):
+                stretch.append(ev)
+                total = ev.get("total") or 0
+                quarter = int(4 * ev["step"] / total) if total else 0
+                if 0 < quarter < 4 and quarter not in quarters:
+                    quarters.add(quarter)
+                    keep.add(ev["seq"])
+            continue
+        if stretch:
+            keep.update((stretch[0]["seq"], stretch[-1]["seq"]))
+            stretch = []
+    return keep
+
+
 def duplicate_job(other: Job) -> str:
     where = "waiting in the queue" if other.state == "queued" else "running"
     return (f"You already have this job {where} (job {other.id}, adapter “{other.display_name}”): the same dataset, "
@@ -531,5 +653,6 @@ def clean_owner(owner: str | None) -> str:
     return owner
 
 
-__all__ = ["ACTIVE", "FINAL", "MAX_ATTEMPTS", "STATES", "duplicate_job", "name_in_use", "Job", "JobQueue", "SQLiteQueue", "checkpoint_step", "clean_owner",
-           "get_queue", "new_job_id", "pid_alive", "too_many_jobs"]
+__all__ = ["ACTIVE", "FINAL", "MAX_ATTEMPTS", "STATES", "STEP_EVENTS", "duplicate_job", "name_in_use", "Job", "JobQueue",
+           "SQLiteQueue", "checkpoint_step", "clean_owner", "get_queue", "is_step_record", "keeps_step", "milestones",
+           "new_job_id", "pid_alive", "thin_losses", "too_many_jobs"]

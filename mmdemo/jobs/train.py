@@ -17,6 +17,7 @@ and renamed into place, with ``mmdemo.json`` and a model card.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -69,7 +70,11 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, preset: str = "quick", **overrides: Any) -> TrainConfig:
-        """A preset with some fields replaced; ``None`` overrides are ignored (empty advanced fields)."""
+        """A preset with some fields replaced; ``None`` overrides are ignored (empty advanced fields).
+
+        A rank given without an alpha keeps the preset's alpha/rank ratio (quick: 16/8, so rank 16 gets alpha
+        32): LoRA scales its update by alpha/rank, so changing the rank alone would change how fast it learns.
+        """
         key = (preset or "quick").lower()
         if key not in PRESETS:
             raise InputError(f"Unknown preset {preset!r}; choose quick, balanced or thorough.")
@@ -77,8 +82,12 @@ class TrainConfig:
         unknown = [k for k in overrides if k not in names]
         if unknown:
             raise InputError(f"Unknown training setting {unknown[0]!r}; use {', '.join(sorted(names - {'preset'}))}.")
-        values = {**asdict(PRESETS[key]), **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(**values)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        base = PRESETS[key]
+        if "rank" in given and "alpha" not in given and isinstance(given["rank"], (int, float)) \
+                and not isinstance(given["rank"], bool):
+            given["alpha"] = min(1024, max(1, round(given["rank"] * base.alpha / base.rank)))
+        return cls(**{**asdict(base), **given})
 
 
 def _shown(value: Any) -> str:
@@ -158,7 +167,7 @@ def _pixel_values(loaded, examples: list[Example]) -> dict[str, Any]:
     return out
 
 
-def _prepare_caption(loaded, examples: list[Example]) -> Prepared:
+def _prepare_caption(loaded, examples: list[Example], seed: int = 0) -> Prepared:
     tok = loaded.processor.tokenizer
     pixels = _pixel_values(loaded, examples)
     bos, pad = tok.bos_token_id, tok.pad_token_id
@@ -179,7 +188,7 @@ def _prepare_caption(loaded, examples: list[Example]) -> Prepared:
     return Prepared(items, collate)
 
 
-def _prepare_vqa(loaded, examples: list[Example]) -> Prepared:
+def _prepare_vqa(loaded, examples: list[Example], seed: int = 0) -> Prepared:
     tok = loaded.processor.tokenizer
     pixels = _pixel_values(loaded, examples)
     start_id = loaded.model.decoder_start_token_id
@@ -203,32 +212,45 @@ def _prepare_vqa(loaded, examples: list[Example]) -> Prepared:
     return Prepared(items, collate)
 
 
-def _prepare_retrieval(loaded, examples: list[Example]) -> Prepared:
+def _prepare_retrieval(loaded, examples: list[Example], seed: int = 0) -> Prepared:
+    """CLAP inputs for every 10 s window of every clip, as search embeds them; each batch draws one window per
+    clip at random, so over the epochs training hears all of a long clip, not only its start."""
+    import random
+
     from mmdemo.media import load_audio
     from mmdemo.models.retrieval import Embedder
 
-    emb = Embedder(loaded)  # same windowing and features as search: the first 10 s window of each clip
+    emb = Embedder(loaded)  # same windowing and features as search
     tok = loaded.processor.tokenizer
     fe = loaded.processor.feature_extractor
-    waves = [emb.windows(load_audio(e.path, emb.sample_rate))[0] for e in examples]
-    feats = []
-    for start in range(0, len(waves), 16):
-        chunk = waves[start:start + 16]
+    windows: list = []
+    owner: list[int] = []
+    for i, e in enumerate(examples):
+        for w in emb.windows(load_audio(e.path, emb.sample_rate)):
+            windows.append(w)
+            owner.append(i)
+    feats: list = []
+    for start in range(0, len(windows), 16):
+        chunk = windows[start:start + 16]
         if emb._features is not None:
             feats += list(emb._features(chunk).cpu())
         else:
             feats += list(fe(chunk, sampling_rate=emb.sample_rate, return_tensors="pt")["input_features"])
+    per_clip: list[list] = [[] for _ in examples]
+    for i, f in zip(owner, feats):
+        per_clip[i].append(f)
     pad = tok.pad_token_id
-    items = [{"input_features": f, "input_ids": tok(e.text, truncation=True, max_length=64,
-                                                   return_tensors="pt")["input_ids"][0]}
-             for f, e in zip(feats, examples)]
+    items = [{"windows": clip_feats, "input_ids": tok(e.text, truncation=True, max_length=64,
+                                                      return_tensors="pt")["input_ids"][0]}
+             for clip_feats, e in zip(per_clip, examples)]
+    rng = random.Random(seed)
 
     def collate(batch: list[dict]) -> dict:
         import torch
 
         ids, mask = _pad([b["input_ids"] for b in batch], pad)
-        return {"input_features": torch.stack([b["input_features"] for b in batch]), "input_ids": ids,
-                "attention_mask": mask, "return_loss": True}
+        chosen = [b["windows"][rng.randrange(len(b["windows"]))] for b in batch]
+        return {"input_features": torch.stack(chosen), "input_ids": ids, "attention_mask": mask, "return_loss": True}
 
     return Prepared(items, collate)
 
@@ -293,6 +315,48 @@ def _last_complete_checkpoint(folder: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+LORA_DROPOUT = 0.0  # peft's default; 0.05 cost a third of the held-out caption words in bench/learning.py
+WARMUP_SHARE, DECAY_SHARE = 0.05, 0.2
+SCHEDULE_WORDS = ("warm-up over the first 5% of steps, then constant, then linear decay to 0 over the last 20% "
+                  "(warmup-stable-decay)")
+
+
+def schedule(steps: int) -> dict:
+    """The learning-rate schedule as ``TrainingArguments`` fields: warm-up, constant, decay (WSD).
+
+    A linear decay from the first step (the Trainer's default) trains at half the learning rate on average; on
+    the few hundred steps of a small dataset that learned markedly less than a plain constant-rate loop
+    (bench/learning.py). WSD keeps the full rate for three quarters of the run and still anneals at the end.
+    """
+    warmup = max(1, round(steps * WARMUP_SHARE))
+    decay = max(1, round(steps * DECAY_SHARE))
+    return {"lr_scheduler_type": "warmup_stable_decay", "warmup_steps": warmup,
+            "lr_scheduler_kwargs": {"num_decay_steps": decay, "num_stable_steps": max(0, steps - warmup - decay),
+                                    "decay_type": "linear"}}
+
+
+@contextlib.contextmanager
+def frozen_batch_norm(model):
+    """Batch-norm layers run as in inference while training (their stored statistics, which stay as they are).
+
+    In training mode batch norm would update its running statistics (CLAP's audio tower normalises its
+    spectrogram input so). Those are buffers, not LoRA weights: the saved adapter would not carry them, and the
+    adapter loaded later would score differently from the model that was just trained and evaluated.
+    """
+    import torch
+
+    def keep_eval(module, args):
+        module.training = False
+
+    hooks = [m.register_forward_pre_hook(keep_eval) for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progress: ProgressFn,
            should_stop: Callable[[], bool] | None) -> tuple[Any, list[dict], int | None, dict]:
     """Train a LoRA on ``loaded.model`` in place.
@@ -305,7 +369,7 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(config.seed)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.05,
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=LORA_DROPOUT,
                       target_modules=list(loaded.arch.lora_targets))
     model = get_peft_model(loaded.model, lora)
     max_steps = training_plan(config, len(prepared.items))["steps"]
@@ -314,8 +378,7 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
     cuda = str(loaded.device).startswith("cuda")
     args = TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate, lr_scheduler_type="linear", warmup_steps=max(1, max_steps // 20),
-        weight_decay=0.0, logging_steps=1, save_strategy="steps", save_steps=save_steps, save_total_limit=1,
+        learning_rate=config.learning_rate, **schedule(max_steps), weight_decay=0.0, logging_steps=1, save_strategy="steps", save_steps=save_steps, save_total_limit=1,
         seed=config.seed, data_seed=config.seed, bf16=cuda and loaded.dtype == torch.bfloat16,
         use_cpu=not cuda and str(loaded.device) == "cpu", report_to=[], disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, label_names=["labels"],
@@ -333,7 +396,8 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
         progress(Progress("training", resumed_step, max_steps, message=f"Resuming from the checkpoint at step "
                                                                           f"{resumed_step} of {max_steps}."))
     model.train()
-    output = trainer.train(resume_from_checkpoint=resume)
+    with frozen_batch_norm(model):
+        output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     metrics = {k: round(float(v), 4) for k, v in output.metrics.items() if isinstance(v, (int, float))}
@@ -357,8 +421,9 @@ def _card_metrics(meta: dict) -> str:
 
     rows = []
     for k, v in meta["metrics_after"].items():
-        label = METRICS[k].label if k in METRICS else k
-        rows.append(f"| {label} | {meta['metrics_before'].get(k)} | {v} |")
+        m = METRICS.get(k)  # shown x100, as on the page and in the papers
+        before = meta["metrics_before"].get(k)
+        rows.append(f"| {m.label} | {m.show(before)} | {m.show(v)} |" if m else f"| {k} | {before} | {v} |")
     return "\n".join(rows)
 
 
@@ -404,8 +469,9 @@ A LoRA adapter for {meta['task']} on {meta['base_model']}, fine-tuned with mmdem
 
 - Trained {steps_text}: {epochs_text} over {run.get('train_examples', meta['data']['train'])} examples in batches of
   {hp['batch_size']} ({run.get('steps_per_epoch', '?')} steps per epoch).
-- Learning rate {hp['learning_rate']:g} (linear decay), LoRA rank {hp['rank']}, alpha {hp['alpha']}, dropout 0.05,
-  seed {hp['seed']}; preset: {meta.get('preset') or 'none'}.
+- Learning rate {hp['learning_rate']:g} ({meta.get('schedule', SCHEDULE_WORDS)}), LoRA rank {hp['rank']}, alpha
+  {hp['alpha']}, dropout {meta.get('lora_dropout', LORA_DROPOUT):g}, seed {hp['seed']}; preset: {meta.get('preset') or 'none'}.
+{_decoding_line(meta)}
 - On {meta.get('device', '?')} ({meta.get('dtype', '?')}), in {meta.get('train_seconds', '?')} s in all.
 
 ## How to load it
@@ -420,6 +486,15 @@ model = PeftModel.from_pretrained(base, "path/to/this/folder")
 
 or in mmdemo: `python -m mmdemo {'search' if meta['task'] == 'retrieval' else meta['task']} ... --adapter path/to/this/folder`.
 """
+
+
+def _decoding_line(meta: dict) -> str:
+    gen = meta.get("generation")
+    if not gen:
+        return ""
+    return (f"- Held-out outputs decoded with {gen['num_beams']} beams and {gen['min_new_tokens']} to "
+            f"{gen['max_new_tokens']} new tokens, fitted to the training texts' lengths (base model and adapter "
+            f"alike); mmdemo decodes with the same lengths when this adapter is chosen.")
 
 
 def _save(model, meta: dict, out: Path) -> None:
@@ -509,17 +584,18 @@ def finetune(
 
     progress(Progress("preprocessing", 0, report.examples,
                       message=f"Preparing {report.examples} examples for the model (decoding every file once)."))
-    prepared = PREPARE[task](loaded, report.train)
+    prepared = PREPARE[task](loaded, report.train, seed=config.seed)
     progress(Progress("preprocessing", report.examples, report.examples))
 
     held_out = len(report.test)
+    decoding = fitted_decoding(task, loaded, report.train)
     before_path = workdir / "metrics_before.json"
     if before_path.is_file():
         before, before_samples = json.loads(before_path.read_text()).values()
     else:
         progress(Progress("evaluating", 0, 2, message=f"Scoring the base model on the {held_out} held-out "
                                                       f"examples."))
-        before, before_samples = evaluate(task, loaded, report.test, show=None)
+        before, before_samples = evaluate(task, loaded, report.test, show=None, options=decoding)
         before_path.write_text(json.dumps({"metrics": before, "samples": before_samples}))
     progress(Progress("evaluating", 1, 2, message="Base model scored.", metrics=before))
     if should_stop is not None and should_stop():
@@ -532,7 +608,8 @@ def finetune(
     progress(Progress("evaluating", 1, 2, message=f"Scoring the fine-tuned model on the {held_out} held-out "
                                                   f"examples."))
     loaded.memo.clear()  # cached text embeddings belong to the base weights
-    after, after_samples = evaluate(task, loaded, report.test, show=None)  # the LoRA is active inside loaded.model
+    # the LoRA is active inside loaded.model
+    after, after_samples = evaluate(task, loaded, report.test, show=None, options=decoding)
     progress(Progress("evaluating", 2, 2, message="Fine-tuned model scored.", metrics=after))
 
     label = name or out.name
@@ -549,6 +626,8 @@ def finetune(
         "metrics_before": before, "metrics_after": after, "comparison": comparison, "examples": examples,
         "hyperparameters": {k: v for k, v in asdict(config).items() if k != "save_steps"},
         "training": training,
+        "generation": asdict(decoding) if decoding is not None else None,
+        "schedule": SCHEDULE_WORDS, "lora_dropout": LORA_DROPOUT,
         "data": {"train": len(report.train), "test": len(report.test), "split": report.split},
         "device": device, "dtype": str(dtype).removeprefix("torch."), "created": time.time(),
         "train_seconds": round(time.monotonic() - t0, 1), "resumed_from_step": resumed,
@@ -560,6 +639,24 @@ def finetune(
     return {"adapter": str(out), "name": label, "metrics_before": before, "metrics_after": after,
             "comparison": comparison, "examples": examples, "training": training, "losses": losses,
             "data": meta["data"], "resumed_from_step": resumed, "trainer_metrics": train_metrics}
+
+
+def fitted_decoding(task: str, loaded, train: list[Example]):
+    """Decoding options for the adapter, fitted to its training texts (``models.generation.fitted_to_texts``).
+
+    Written into ``mmdemo.json``; the held-out scores (base model and adapter alike), the tabs and the CLI use
+    them for this adapter. ``None`` for retrieval, which does not generate.
+    """
+    from mmdemo.models.generation import CAPTION_DEFAULTS, VQA_DEFAULTS, fitted_to_texts, text_positions
+
+    if task not in ("caption", "vqa"):
+        return None
+    tok = loaded.processor.tokenizer
+    texts = [e.text for e in train] if task == "caption" else [e.answer for e in train]
+    cap = 39 if task == "caption" else 15  # the lengths training truncates to, less the start token
+    lengths = [min(cap, len(tok(t, add_special_tokens=False)["input_ids"])) for t in texts]
+    defaults = CAPTION_DEFAULTS if task == "caption" else VQA_DEFAULTS
+    return fitted_to_texts(defaults, lengths, text_positions(loaded))
 
 
 def _plan_sentence(plan: dict, config: TrainConfig) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from mmdemo.errors import InputError
 
@@ -34,6 +36,36 @@ class GenerationOptions:
 CAPTION_DEFAULTS = GenerationOptions()
 # Answers are short: BLIP's VQA decoding uses a few beams and no minimum length.
 VQA_DEFAULTS = GenerationOptions(num_beams=3, max_new_tokens=10, min_new_tokens=1)
+
+
+def fitted_to_texts(defaults: GenerationOptions, lengths: list[int], positions: int) -> GenerationOptions:
+    """``defaults`` adjusted to texts of ``lengths`` tokens: what an adapter trained on them should decode with.
+
+    The minimum length may not exceed the shortest text (BLIP's published minimum of 5 tokens would pad a
+    two-word caption with three made-up words), and the maximum must leave room for the longest (plus its end
+    token), within the model's ``positions``.
+    """
+    if not lengths:
+        return defaults
+    longest = min(max(defaults.max_new_tokens, max(lengths) + 1), max(1, positions - 1))
+    shortest = min(defaults.min_new_tokens, min(lengths), longest)
+    return replace(defaults, max_new_tokens=longest, min_new_tokens=max(0, shortest))
+
+
+def for_adapter(defaults: GenerationOptions, adapter: str | Path | None) -> GenerationOptions:
+    """The decoding defaults for ``adapter``: the ones its fine-tune fitted to its training texts and wrote into
+    its ``mmdemo.json`` (``"generation"``), else ``defaults``; beams stay the caller's."""
+    if not adapter:
+        return defaults
+    from mmdemo.models.loading import ADAPTER_META
+
+    path = Path(adapter) / ADAPTER_META
+    try:
+        fitted = json.loads(path.read_text()).get("generation") or {}
+        return replace(defaults, max_new_tokens=int(fitted.get("max_new_tokens", defaults.max_new_tokens)),
+                       min_new_tokens=int(fitted.get("min_new_tokens", defaults.min_new_tokens)))
+    except (OSError, ValueError, TypeError, AttributeError, InputError):
+        return defaults  # an adapter from elsewhere (no mmdemo.json) decodes with the task's defaults
 
 
 def text_positions(loaded) -> int:

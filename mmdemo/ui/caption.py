@@ -15,7 +15,7 @@ from mmdemo.config import get_settings
 from mmdemo.errors import InputError
 from mmdemo.media import load_image
 from mmdemo.models import caption as caption_model
-from mmdemo.models.generation import CAPTION_DEFAULTS
+from mmdemo.models.generation import CAPTION_DEFAULTS, for_adapter
 from mmdemo.ui import gpu
 from mmdemo.ui.common import (
     adapter_path,
@@ -63,8 +63,8 @@ def _prepare(files, prompt, num_beams, max_new_tokens, adapter, owner: str | Non
     limits = get_settings().limits
     for p in paths:
         load_image(p, limits)
-    options = generation_options(num_beams, max_new_tokens, CAPTION_DEFAULTS)
     adapter_dir = adapter_path(TASK, adapter, owner)
+    options = generation_options(num_beams, max_new_tokens, for_adapter(CAPTION_DEFAULTS, adapter_dir))
     caption_model.check_prompt(gpu.loaded(TASK, checkpoint), prompt, options)
     return paths, (prompt or "").strip() or None, options, adapter_dir
 
@@ -86,7 +86,7 @@ def _run(groups: list[tuple[list[str], str | None, tuple[int, int], str | None]]
     model = gpu.loaded(TASK, checkpoint)
     out = []
     for images, prompt, (beams, max_new), adapter in groups:
-        options = generation_options(beams, max_new, CAPTION_DEFAULTS)
+        options = generation_options(beams, max_new, for_adapter(CAPTION_DEFAULTS, adapter))
         out.append(caption_model.caption(images, prompt, options, adapter=adapter, model=model))
     return out, device_label(model.device, model.dtype), model.checkpoint
 

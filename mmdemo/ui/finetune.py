@@ -2,7 +2,9 @@
 
 Jobs run in worker processes behind :mod:`mmdemo.jobs` (started once per app by ``warm_up``/``build``); this
 module only lays out widgets and reads the job's stored record and events, every 2 s (``gr.Timer``) and when the
-page opens, so a reloaded page or another browser re-attaches to the newest job. Everything the page says about
+page opens, so a reloaded page or another browser re-attaches to the newest job. Each page keeps the last event it
+has seen in its own session state (:class:`JobFeed`) and asks only for newer ones; the timeline and the loss chart
+are folded from those and redrawn only when something changed. Everything the page says about
 a job comes from one place, :func:`describe`, fed by the job's row (state, phase, step of total): the progress
 line, the bar and the job list never disagree. The owner is the logged-in Hugging Face user (``gr.OAuthProfile``)
 or an anonymous id kept in the browser (``gr.BrowserState``); each owner sees, cancels, renames and deletes only
@@ -20,7 +22,6 @@ import re
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -57,7 +58,8 @@ FIELD_INFO = {
     "learning_rate": "How big each learning step is (above 0, at most 0.1); too high makes training unstable, too "
                      "low learns little.",
     "rank": "LoRA rank: how much the adapter can learn, and its size (1 to 256); 8 to 32 is usual.",
-    "alpha": "LoRA alpha: how strongly the adapter changes the model (1 to 1024); usually twice the rank.",
+    "alpha": "LoRA alpha: how strongly the adapter changes the model (1 to 1024); typing a rank sets it to twice "
+             "the rank, as in the presets, so that a bigger rank does not learn slower.",
     "batch_size": "How many examples each step learns from (1 to 256); lower it if memory runs out.",
     "min_steps": "Training runs at least this many steps (0 to 100,000), so a small dataset gets more epochs "
                  "than asked for.",
@@ -129,6 +131,15 @@ def preset_values(preset: str) -> list:
     """The preset's value of each Advanced field, in ``FIELDS`` order."""
     config = jobs.PRESETS.get(preset or "quick", jobs.PRESETS["quick"])
     return [getattr(config, f) for f in FIELDS]
+
+
+def alpha_for_rank(rank, preset: str):
+    """The alpha that keeps the preset's alpha/rank ratio for a typed rank (the field as it is for anything else)."""
+    config = jobs.PRESETS.get(preset or "quick", jobs.PRESETS["quick"])
+    try:
+        return jobs.TrainConfig.from_preset(config.preset, rank=_whole(rank, "The LoRA rank")).alpha
+    except InputError:
+        return gr.skip()
 
 
 def _whole(value, what: str) -> int | None:
@@ -353,6 +364,8 @@ def describe(job: dict) -> dict:
         return {"title": f"Running: {what}", "detail": detail, "percent": low + (high - low) * within,
                 "short": short}
     took = (job["finished"] - job["started"]) if job.get("finished") and job.get("started") else None
+    gone = (f" Its files (the copy of the dataset and the log) were deleted {_ago(job['cleaned'])}: this server keeps "
+            f"a finished job's files for a limited time." if job.get("cleaned") else "")
     if state == "succeeded":
         done, planned = training.get("steps_done", step), training.get("steps", total)
         epochs = training.get("epochs_done")
@@ -360,18 +373,18 @@ def describe(job: dict) -> dict:
         if epochs is not None:
             detail += (f" ({epochs:g} {'epoch' if epochs == 1 else 'epochs'} over "
                        f"{plural(training.get('train_examples', 0), 'example')})")
-        detail += "."
+        detail += "." + gone
         title = f"Finished in {_duration(took)}" if took is not None else "Finished"
         return {"title": title, "detail": detail, "percent": 100.0, "short": title}
     at = f", at step {step:,} of {total:,}" if stage == 4 and total else ""
     if state == "failed":
-        return {"title": f"Failed while {STAGES[min(stage, 6)]}{at}", "detail": job.get("error") or "",
+        return {"title": f"Failed while {STAGES[min(stage, 6)]}{at}", "detail": (job.get("error") or "") + gone,
                 "percent": None, "short": "Failed"}
     if not job.get("started"):
-        return {"title": "Cancelled while waiting in the queue", "detail": "It never started.", "percent": None,
-                "short": "Cancelled before it started"}
-    return {"title": f"Cancelled while {STAGES[min(stage, 6)]}{at}", "detail": "You cancelled it; nothing was saved.",
-            "percent": None, "short": "Cancelled"}
+        return {"title": "Cancelled while waiting in the queue", "detail": "It never started." + gone,
+                "percent": None, "short": "Cancelled before it started"}
+    return {"title": f"Cancelled while {STAGES[min(stage, 6)]}{at}",
+            "detail": "You cancelled it; nothing was saved." + gone, "percent": None, "short": "Cancelled"}
 
 
 def progress_html(job: dict) -> str:
@@ -390,11 +403,9 @@ def progress_html(job: dict) -> str:
 
 
 def _metric_value(key: str, value) -> str:
-    if not isinstance(value, (int, float)):
-        return "—"
-    if key in METRICS and METRICS[key].percent:
-        return f"{value * 100:.0f}%"
-    return f"{value:.3f}"
+    if key in METRICS:
+        return METRICS[key].show(value)  # x100, as the papers print it
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "—"
 
 
 def _scores(metrics: dict | None) -> str:
@@ -402,66 +413,79 @@ def _scores(metrics: dict | None) -> str:
                      for k, v in (metrics or {}).items())
 
 
+class Timeline:
+    """What happened, folded one event at a time, so a poll feeds it only the events it has not seen yet.
+
+    Kept small whatever the job's length: one line per stage, training summarised in a few milestones (a
+    quarter of the steps, the loss from the first to the last step of each stretch), not a line per step.
+    """
+
+    def __init__(self) -> None:
+        self.t0: float | None = None  # the first event's time: lines say the time since the submit
+        self.rows: list[tuple[float, str | None]] = []  # (time, sentence); None: the finished job's title
+        self.trained = False
+        self.first: dict | None = None  # the first and latest step with a loss of the training under way
+        self.last: dict | None = None
+        self.marks: set[int] = set()  # quarters of the steps already said
+
+    def feed(self, events: list[dict]) -> Timeline:
+        for ev in events:
+            if self.t0 is None:
+                self.t0 = ev["time"]
+            phase, message = ev.get("phase"), (ev.get("message") or "").strip()
+            if phase == "training":
+                self.trained = True
+                if message:
+                    self.rows.append((ev["time"], message))
+                if ev.get("loss") is None:
+                    continue
+                self.first, self.last = self.first or ev, ev
+                total = ev.get("total") or 0
+                quarter = int(4 * ev["step"] / total) if total else 0
+                if 0 < quarter < 4 and quarter not in self.marks:
+                    self.marks.add(quarter)
+                    self.rows.append((ev["time"], f"Step {ev['step']:,} of {total:,} ({quarter * 25}%), loss "
+                                                  f"{ev['loss']:.3f}."))
+                continue
+            if self.last is not None:
+                self.rows.append((ev["time"], f"Training done: {self.last['step']:,} steps; the loss went from "
+                                              f"{self.first['loss']:.3f} to {self.last['loss']:.3f} (lower is "
+                                              f"better)."))
+                self.first = self.last = None
+            if phase == "evaluating" and ev.get("metrics"):
+                who = "Fine-tuned model" if self.trained else "Base model"
+                self.rows.append((ev["time"], f"{who} scores on the held-out examples: {_scores(ev['metrics'])}."))
+            elif phase == "succeeded":
+                self.rows.append((ev["time"], None))
+            elif message:
+                self.rows.append((ev["time"], message))
+        return self
+
+    def lines(self, job: dict) -> list[tuple[str, str]]:
+        """Oldest first, as (time since submit, sentence); a running job's latest step last."""
+        def when(t: float) -> str:
+            s = max(0, int(t - (self.t0 or t)))
+            return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+        lines = []
+        for t, sentence in self.rows:
+            if sentence is None:
+                sentence = f"{describe(job)['title'] if job.get('state') == 'succeeded' else 'Finished'}."
+            lines.append((when(t), sentence))
+        if self.last is not None and job.get("state") == "running":
+            last = self.last
+            lines.append((when(last["time"]), f"Step {last['step']:,} of {last.get('total') or 0:,}, loss "
+                                              f"{last['loss']:.3f} (latest)."))
+        return lines
+
+
 def timeline(events: list[dict], job: dict) -> list[tuple[str, str]]:
     """What happened, oldest first, as (time since submit, sentence): one line per stage, training summarised
     in a few milestones rather than a line per step."""
-    lines: list[tuple[str, str]] = []
-    if not events:
-        return lines
-    t0 = events[0]["time"]
-    trained = False
-    train_events: list[dict] = []
-    marks: set[int] = set()
-
-    def when(ev: dict) -> str:
-        s = max(0, int(ev["time"] - t0))
-        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-    def close_training(ev: dict) -> None:
-        nonlocal train_events
-        losses = [t for t in train_events if t.get("loss") is not None]
-        if losses:
-            last = losses[-1]
-            lines.append((when(ev), f"Training done: {last['step']:,} steps; the loss went from "
-                                    f"{losses[0]['loss']:.3f} to {last['loss']:.3f} (lower is better)."))
-        train_events = []
-
-    for ev in events:
-        phase, message = ev.get("phase"), (ev.get("message") or "").strip()
-        if phase == "training":
-            trained = True
-            if message:
-                lines.append((when(ev), message))
-            if ev.get("loss") is None:
-                continue
-            train_events.append(ev)
-            total = ev.get("total") or 0
-            quarter = int(4 * ev["step"] / total) if total else 0
-            if 0 < quarter < 4 and quarter not in marks:
-                marks.add(quarter)
-                lines.append((when(ev), f"Step {ev['step']:,} of {total:,} ({quarter * 25}%), loss "
-                                        f"{ev['loss']:.3f}."))
-            continue
-        if train_events:
-            close_training(ev)
-        if phase == "evaluating" and ev.get("metrics"):
-            who = "Fine-tuned model" if trained else "Base model"
-            lines.append((when(ev), f"{who} scores on the held-out examples: {_scores(ev['metrics'])}."))
-        elif phase == "succeeded":
-            d = describe(job) if job.get("state") == "succeeded" else {"title": "Finished"}
-            lines.append((when(ev), f"{d['title']}."))
-        elif message:
-            lines.append((when(ev), message))
-    if train_events and job.get("state") == "running":
-        last = train_events[-1]
-        lines.append((when(last), f"Step {last['step']:,} of {last.get('total') or 0:,}, loss {last['loss']:.3f} "
-                                  f"(latest)."))
-    return lines
+    return Timeline().feed(events).lines(job)
 
 
-def timeline_html(events: list[dict], job: dict) -> str:
-    """The timeline, newest first so the latest line is always in view."""
-    rows = timeline(events, job)
+def _timeline_html(rows: list[tuple[str, str]]) -> str:
     if not rows:
         return ""
     items = "".join(f"<li><span style='opacity:.65;font-variant-numeric:tabular-nums'>{html.escape(t)}</span> "
@@ -471,14 +495,26 @@ def timeline_html(events: list[dict], job: dict) -> str:
             f"</ul></div>")
 
 
+def timeline_html(events: list[dict], job: dict) -> str:
+    """The timeline, newest first so the latest line is always in view."""
+    return _timeline_html(timeline(events, job))
+
+
 MAX_CURVE_POINTS = 1000  # a long run's chart is thinned to this many points (the last step always kept)
 
 
-def loss_curve(events: list[dict]) -> pd.DataFrame:
-    points: dict[int, float] = {}
+def _add_points(points: dict[int, float], events: list[dict]) -> None:
+    """Add the training losses of ``events`` to ``points`` (step -> loss), kept under twice the chart's points."""
     for e in events:
         if e.get("phase") == "training" and e.get("loss") is not None:
             points[int(e["step"])] = float(e["loss"])  # a resumed job repeats steps: the later record wins
+    if len(points) > 2 * MAX_CURVE_POINTS:  # only a job stored before step records were thinned has this many
+        steps = sorted(points)
+        for s in steps[:-1][1::2]:
+            del points[s]
+
+
+def _curve(points: dict[int, float]) -> pd.DataFrame:
     steps = sorted(points)
     if len(steps) > MAX_CURVE_POINTS:
         every = -(-len(steps) // MAX_CURVE_POINTS)
@@ -487,6 +523,60 @@ def loss_curve(events: list[dict]) -> pd.DataFrame:
     # drawn as categories, a label per step and per loss value)
     return pd.DataFrame({"step": pd.Series(steps, dtype="int64"),
                          "loss": pd.Series([points[s] for s in steps], dtype="float64")})
+
+
+def loss_curve(events: list[dict]) -> pd.DataFrame:
+    points: dict[int, float] = {}
+    _add_points(points, events)
+    return _curve(points)
+
+
+def _result_curve(job: jobs.Job) -> pd.DataFrame | None:
+    """A succeeded job's chart from the loss log stored with its result (its step records may be cleaned)."""
+    losses = (job.result or {}).get("losses")
+    if job.state != "succeeded" or not isinstance(losses, list) or not losses:
+        return None
+    return loss_curve([{"phase": "training", **x} for x in losses if isinstance(x, dict) and "step" in x])
+
+
+_FEED_LOCK = threading.Lock()  # two polls of one page may overlap: each event is folded once
+
+
+class JobFeed:
+    """One page's view of one job, kept in that page's session (``gr.State``): the last event it has seen, and
+    the timeline and loss points folded so far. Each poll asks the queue only for newer events, and the chart and
+    timeline are redrawn only when new events came or the job's state changed."""
+
+    def __init__(self, job_id: str | None = None) -> None:
+        self.reset(job_id)
+
+    def reset(self, job_id: str | None) -> None:
+        self.job_id, self.seq = job_id, 0
+        self.timeline = Timeline()
+        self.points: dict[int, float] = {}
+        self.drawn: tuple | None = None  # the job state the last drawing was made for
+
+    def update(self, job: jobs.Job, record: dict, owner: str) -> tuple[pd.DataFrame | None, str | None]:
+        """The job's (loss chart, timeline HTML), each ``None`` when unchanged since the last call."""
+        with _FEED_LOCK:
+            if job.id != self.job_id:
+                self.reset(job.id)
+            since = self.seq
+        new = jobs.events(job.id, since=since, owner=owner)  # the owner is checked on every call
+        with _FEED_LOCK:
+            if job.id != self.job_id:  # an overlapping poll switched to another job meanwhile: it draws that one
+                return None, None
+            fresh = [e for e in new if e["seq"] > self.seq]
+            if fresh:
+                self.seq = fresh[-1]["seq"]
+                self.timeline.feed(fresh)
+                _add_points(self.points, fresh)
+            state = (job.state, job.started, job.finished, job.cleaned)
+            if not fresh and state == self.drawn:
+                return None, None
+            self.drawn = state
+            curve = _result_curve(job)
+            return (curve if curve is not None else _curve(self.points)), _timeline_html(self.timeline.lines(record))
 
 
 def _adapter_exists(job: dict) -> bool:
@@ -514,8 +604,7 @@ def results(job: dict) -> tuple[str, pd.DataFrame, str, pd.DataFrame]:
         change = ""
         if isinstance(value, (int, float)) and isinstance(base, (int, float)):
             diff = value - base
-            pct = key in METRICS and METRICS[key].percent
-            amount = f"{diff * 100:+.0f} points" if pct else f"{diff:+.3f}"
+            amount = METRICS[key].show_change(diff) if key in METRICS else f"{diff:+.3f}"
             change = "no change" if abs(diff) < 5e-4 else f"{amount} ({'better' if diff > 0 else 'worse'})"
         rows.append([METRICS[key].label if key in METRICS else key, _metric_value(key, base),
                      _metric_value(key, value), change])
@@ -531,39 +620,24 @@ def results(job: dict) -> tuple[str, pd.DataFrame, str, pd.DataFrame]:
     return "\n\n".join(lines), _table(METRIC_HEADERS, rows), "\n".join(explain), _table(EXAMPLE_HEADERS, examples)
 
 
-_EVENTS: OrderedDict[str, list[dict]] = OrderedDict()  # job id -> its events so far (each page polls every 2 s)
-_EVENTS_LOCK = threading.Lock()
-EVENT_CACHE_JOBS = 32
+def panel(job_id, browser_id, profile: gr.OAuthProfile | None = None, feed: JobFeed | None = None) -> dict:
+    """Everything the job panel shows, by part: progress, curve, timeline, verdict, metrics, help, examples.
 
-
-def _events(job_id: str, owner: str) -> list[dict]:
-    """The job's events, read incrementally: only those after the last one this process has seen.
-
-    ``jobs.events`` checks the owner on every call, so the cache never serves a job to someone else.
+    ``feed`` is the page's :class:`JobFeed` (only new events are read; ``curve`` and ``timeline`` are ``None``
+    when unchanged); without one, every event of the job is read.
     """
-    with _EVENTS_LOCK:
-        known = list(_EVENTS.get(job_id, []))
-    new = jobs.events(job_id, since=known[-1]["seq"] if known else 0, owner=owner)
-    events = known + new
-    with _EVENTS_LOCK:
-        _EVENTS[job_id] = events
-        _EVENTS.move_to_end(job_id)
-        while len(_EVENTS) > EVENT_CACHE_JOBS:
-            _EVENTS.popitem(last=False)
-    return events
-
-
-def panel(job_id, browser_id, profile: gr.OAuthProfile | None = None) -> dict:
-    """Everything the job panel shows, by part: progress, curve, timeline, verdict, metrics, help, examples."""
     if not job_id:
+        if feed is not None:
+            feed.reset(None)
         return {"progress": f"<p>{NO_JOB}</p>", "curve": loss_curve([]), "timeline": "", "verdict": "",
                 "metrics": _table(METRIC_HEADERS), "help": "", "examples": _table(EXAMPLE_HEADERS)}
     owner = owner_of(browser_id, profile)
-    job = public_record(jobs.get(job_id, owner))
-    events = _events(job_id, owner)
-    verdict_md, metrics, explain, examples = results(job)
-    return {"progress": progress_html(job), "curve": loss_curve(events), "timeline": timeline_html(events, job),
-            "verdict": verdict_md, "metrics": metrics, "help": explain, "examples": examples}
+    job = jobs.get(job_id, owner)
+    record = public_record(job)
+    curve, timeline_part = (feed or JobFeed()).update(job, record, owner)
+    verdict_md, metrics, explain, examples = results(record)
+    return {"progress": progress_html(record), "curve": curve, "timeline": timeline_part, "verdict": verdict_md,
+            "metrics": metrics, "help": explain, "examples": examples}
 
 
 def details(job_id, browser_id, profile: gr.OAuthProfile | None = None):
@@ -686,7 +760,8 @@ def publish(job_id, repo_id, browser_id, profile: gr.OAuthProfile | None = None,
 
 # ------------------------------------------------------------------------------------------------- the page
 PANEL_PARTS = ("progress", "curve", "timeline", "verdict", "metrics", "help", "examples")
-POLL_PARTS = ("jobs", *PANEL_PARTS, "adapters", "choices")
+POLL_PARTS = ("jobs", *PANEL_PARTS, "adapters", "choices", "space")
+SPACE_SECONDS = 60.0  # the disk-space line is measured again after this long, or when the job or adapter list changes
 
 
 def _fingerprint(value) -> str:
@@ -694,13 +769,38 @@ def _fingerprint(value) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def refresh(job_id, browser_id, seen: dict | None, profile: gr.OAuthProfile | None = None) -> list:
-    """Every live part of the tab, each skipped when it has not changed since this page last got it."""
-    seen = dict(seen or {})
+def space_text(browser_id, profile: gr.OAuthProfile | None = None) -> str:
+    """How much disk space the visitor's jobs and adapters take here, and how long they are kept, in words."""
     try:
-        parts = panel(job_id, browser_id, profile)
+        owner = owner_of(browser_id, profile)
+    except InputError:  # the page has not got its id yet
+        return ""
+    usage = jobs.disk_usage(owner)
+    days = get_settings().keep_runs_days
+    if days:
+        kept = (f"A finished job's files (its copy of your dataset, checkpoints and log) are deleted "
+                f"{jobs.keep_words(days)} after it ends, though its scores stay in the list")
+    else:
+        kept = "Finished jobs' files (your dataset copies, checkpoints and logs) are kept"
+    return (f"Your jobs and adapters use **{jobs.size_words(usage['total'])}** on this server (jobs "
+            f"{jobs.size_words(usage['jobs'])}, adapters {jobs.size_words(usage['adapters'])}). {kept}; adapters "
+            f"are kept until you delete them.")
+
+
+def refresh(job_id, browser_id, seen: dict | None, profile: gr.OAuthProfile | None = None) -> list:
+    """Every live part of the tab, each skipped when it has not changed since this page last got it.
+
+    ``seen`` is the page's own state: what each part last showed, and the :class:`JobFeed` of the job shown, so
+    a poll reads only the events that came since the last one.
+    """
+    seen = dict(seen or {})
+    feed = seen.get("feed")
+    if not isinstance(feed, JobFeed):
+        feed = seen["feed"] = JobFeed()
+    try:
+        parts = panel(job_id, browser_id, profile, feed)
     except MMDemoError as err:  # a job that is not (or no longer) the visitor's, or no data folder: say so
-        parts = panel("", browser_id, profile)
+        parts = panel("", browser_id, profile, feed)
         parts["progress"] = f"<p>{html.escape(scrub(str(err)))}</p>"
     try:
         parts["jobs"] = job_table(browser_id, profile)
@@ -708,14 +808,25 @@ def refresh(job_id, browser_id, seen: dict | None, profile: gr.OAuthProfile | No
         parts["choices"] = adapter_names(browser_id, profile)
     except MMDemoError:  # an unwritable data folder: the page's banner says so once; the lists stay empty
         parts.update(jobs=_table(JOB_HEADERS), adapters=_table(ADAPTER_HEADERS), choices=[])
+    marks = {key: _fingerprint(value) for key, value in parts.items() if value is not None}
+    # measured again when a job comes or goes, an adapter changes (a finished job adds one), or now and then: not
+    # at every poll, which changes the job list's status while a job trains
+    now = time.monotonic()
+    space_key = _fingerprint((marks["adapters"], list(parts["jobs"]["job"]) if "job" in parts["jobs"] else []))
+    if seen.get("space_key") != space_key or now - seen.get("space_at", 0.0) > SPACE_SECONDS:
+        try:
+            parts["space"] = space_text(browser_id, profile)
+        except MMDemoError:
+            parts["space"] = ""
+        marks["space"] = _fingerprint(parts["space"])
+        seen["space_key"], seen["space_at"] = space_key, now
     out = []
     for key in POLL_PARTS:
-        value = parts[key]
-        mark = _fingerprint(value)
-        if seen.get(key) == mark:
+        value = parts.get(key)
+        if value is None or seen.get(key) == marks[key]:  # None: the feed has nothing new for it
             out.append(gr.skip())
             continue
-        seen[key] = mark
+        seen[key] = marks[key]
         out.append(gr.update(choices=value) if key == "choices" else value)
     return [*out, seen]
 
@@ -793,6 +904,7 @@ def build(ctx: UIContext) -> None:
     submit_msg = gr.Markdown(elem_id="ft-submitted")
 
     gr.Markdown("### 3. Your jobs")
+    space_box = gr.Markdown(elem_id="ft-space")
     jobs_table = gr.Dataframe(_table(JOB_HEADERS), label="Your jobs (click one to show it)", interactive=False,
                               wrap=True, elem_id="ft-jobs", max_height=260)
     with gr.Row():
@@ -855,6 +967,7 @@ def build(ctx: UIContext) -> None:
     # -- 2. settings and submit
     field_list = [fields[f] for f in FIELDS]
     preset.change(preset_values, preset, field_list, **private, queue=False)
+    fields["rank"].input(alpha_for_rank, [fields["rank"], preset], fields["alpha"], **private, queue=False)
     for trigger in (counts.change, preset.change, *(fields[f].change for f in FIELDS)):
         trigger(plan_text, [counts, preset, *field_list], plan, **private, queue=False)
 
@@ -869,7 +982,7 @@ def build(ctx: UIContext) -> None:
 
     # -- 3. the job panel: one handler fills every live part (the timer, a pick, a reload)
     live = [jobs_table, progress, curve, timeline_box, verdict_box, metrics, metrics_help, examples, adapters_table,
-            chosen, seen]
+            chosen, space_box, seen]
     # queued (not queue=False): only a queued event's gr.Error reaches the page as a message
     job_id.change(user_errors(job_status), [job_id, browser_id], status_json, api_name="job_status", **checked)
     job_id.change(refresh, [job_id, browser_id, seen], live, **private, queue=False)

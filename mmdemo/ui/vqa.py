@@ -14,7 +14,7 @@ from mmdemo.config import get_settings
 from mmdemo.errors import InputError
 from mmdemo.media import load_image
 from mmdemo.models import vqa as vqa_model
-from mmdemo.models.generation import VQA_DEFAULTS
+from mmdemo.models.generation import VQA_DEFAULTS, for_adapter
 from mmdemo.ui import gpu
 from mmdemo.ui.common import (
     adapter_path,
@@ -60,8 +60,8 @@ def _prepare(image, questions, num_beams, max_new_tokens, adapter, owner: str | 
         raise InputError("Upload an image to ask about.")
     load_image(path, get_settings().limits)
     asked = split_questions(questions)
-    options = generation_options(num_beams, max_new_tokens, VQA_DEFAULTS)
     adapter_dir = adapter_path(TASK, adapter, owner)
+    options = generation_options(num_beams, max_new_tokens, for_adapter(VQA_DEFAULTS, adapter_dir))
     vqa_model.check_questions(gpu.loaded(TASK, checkpoint), asked, options)
     return path, asked, options, adapter_dir
 
@@ -79,7 +79,7 @@ def _run(groups: list[tuple[list[tuple[str, str]], tuple[int, int], str | None]]
     model = gpu.loaded(TASK, checkpoint)
     out = []
     for pairs, (beams, max_new), adapter in groups:
-        options = generation_options(beams, max_new, VQA_DEFAULTS)
+        options = generation_options(beams, max_new, for_adapter(VQA_DEFAULTS, adapter))
         out.append(vqa_model.answer_pairs(pairs, options, adapter=adapter, model=model))
     return out, device_label(model.device, model.dtype), model.checkpoint
 

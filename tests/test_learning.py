@@ -1,0 +1,85 @@
+"""Fine-tuning learns as well as a plain peft loop, and decodes the way the tabs will.
+
+``bench/learning.py`` builds a held-out dataset the other tests never use (12 picture classes with two-word
+captions and two questions each; 12 kinds of synthetic sound, some clips longer than one 10 s window), trains
+the project's ``finetune`` and a hand-written ``get_peft_model`` + AdamW loop with the same targets, rank, alpha,
+learning rate and number of steps, and scores both adapters with the same plain scorer.
+
+One training seed is luck as much as method: over 6 seeds either side's caption score spans 0.40 to 0.65 on this
+data (bench/RESULTS.md has the medians and spreads). So this test, on one seed, asks the project for the reference's
+score less ``NOISE``, which still catches the gap issue 10 reported (0.39 against 0.67; here, before the fixes, 0.36
+against 0.57), and for clearly more than chance.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.learning import compare, make_pictures, word_accuracy
+from mmdemo.jobs.train import TrainConfig, finetune
+from mmdemo.models.loading import ADAPTER_META
+
+NOISE = 0.1  # well inside the seed-to-seed spread, well under the gap that was fixed
+CHANCE = {"caption": (1 / 4 + 1 / 3) / 2, "vqa": 1 / 7, "retrieval": 1 / 12}  # guessing each word or answer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine has 2 shared cores; tiny models gain nothing from more
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("task,steps", [("caption", 720), ("vqa", 720), ("retrieval", 300)])
+def test_finetune_learns_as_well_as_a_plain_peft_loop(task, steps, tiny_models, tmp_path):
+    r = compare(task, tiny_models[task], tmp_path, steps=steps)
+    print(json.dumps(r))
+    assert r["mmdemo_steps"] == r["steps"]
+    assert r["alpha"] == 32  # --rank 16 without --alpha keeps the quick preset's ratio (16/8)
+    assert r["mmdemo"] > CHANCE[task] + 0.1, r
+    assert r["mmdemo"] >= r["reference"] - NOISE, r
+    if task == "vqa":  # the page's accuracy is the plain scorer's exact match
+        assert abs(r["mmdemo_reported"]["accuracy"] - r["mmdemo"]) < 0.03, r
+
+
+def test_word_accuracy_counts_words_in_place_over_the_longer_caption():
+    assert word_accuracy(["red ring"], ["red ring"]) == 1.0
+    assert word_accuracy(["red ring short four n"], ["red ring"]) == pytest.approx(2 / 5)
+    assert word_accuracy(["blue ring", "ring"], ["red ring", "red ring"]) == pytest.approx((1 / 2 + 0) / 2)
+
+
+def test_rank_without_alpha_keeps_the_presets_ratio():
+    assert TrainConfig.from_preset("quick", rank=16).alpha == 32
+    assert TrainConfig.from_preset("thorough", rank=4).alpha == 8
+    assert TrainConfig.from_preset("quick", rank=16, alpha=8).alpha == 8  # an explicit alpha is kept
+    assert TrainConfig.from_preset("quick", rank=256).alpha == 512
+
+
+@pytest.mark.slow
+def test_an_adapter_for_two_word_captions_decodes_two_words_in_the_tab_as_in_its_table(tiny_models, tmp_path, home):
+    """BLIP's 5-token minimum would pad "red ring" with three made-up words: the fine-tune fits the decoding
+    lengths to its training captions, scores with them, and the Caption tab uses them with that adapter."""
+    from mmdemo.ui import caption as caption_tab
+
+    data = make_pictures(tmp_path / "data", "caption", train_per_class=4, test_per_class=1)
+    config = TrainConfig.from_preset("quick", epochs=1, learning_rate=1e-3, rank=16, min_steps=150)
+    out = home / "adapters" / "two-words"  # ownerless, as the operator's adapters are: anyone may pick it
+    result = finetune("caption", data, out, model=tiny_models["caption"], config=config, workdir=tmp_path / "work")
+    meta = json.loads((out / ADAPTER_META).read_text())
+    assert meta["generation"] == {"num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 2}
+    readme = (out / "README.md").read_text()
+    assert "2 to 20 new tokens" in readme and "warmup-stable-decay" in readme and "dropout 0," in readme
+    lengths = [len(e["adapter"].split()) for e in result["examples"]]
+    assert min(lengths) < 5, result["examples"]  # not padded to BLIP's minimum of 5 tokens
+
+    first = result["examples"][0]
+    rows, _info = caption_tab.caption_batch([[str(data / first["file"])]], [""], [3], [20], ["two-words"],
+                                            checkpoint=tiny_models["caption"])
+    assert rows[0][0][1] == first["adapter"]  # the tab's default beams and length, with this adapter
