@@ -136,13 +136,17 @@ def report(name: str, command: str, env: dict, rows: list[dict], write: bool) ->
     section = "\n".join(lines) + "\n"
     print(section)
     print(json.dumps({"bench": name, "env": env, "rows": rows}))
-    if not write:
-        return
+    if write:
+        write_section(name, section)
+
+
+def write_section(name: str, section: str) -> None:
+    """Replace the section ``## name`` of bench/RESULTS.md with ``section`` (or add it at the end)."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in bench/.\n"
     start = text.find(f"## {name}\n")
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")  # a blank line before the next
     else:
         text = text.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(text)

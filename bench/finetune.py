@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, build_checkpoint, cache_dir, environment, fmt, report
+from common import build_checkpoint, cache_dir, environment, fmt, report, write_section
 
 TASKS = ("caption", "retrieval")
 FULL_NAMES = {"caption": "blip-caption-base", "retrieval": "clap-htsat-unfused"}
@@ -558,18 +558,6 @@ def profile_section(r: dict, spec: dict, env: dict, command: str) -> str:
              "| cost | the project now | alternative | ratio | exact? |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {m} | {a} | {b_} | {'' if x is None else f'{x:.2f}x'} | {e} |" for m, a, b_, x, e in rows]
     return "\n".join(lines) + "\n"
-
-
-def write_section(name: str, section: str) -> None:
-    """Replace this section of bench/RESULTS.md (as ``common.report`` does for its tables)."""
-    text = RESULTS.read_text()
-    start = text.find(f"## {name}\n")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------------- main
