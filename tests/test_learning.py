@@ -62,6 +62,14 @@ def test_rank_without_alpha_keeps_the_presets_ratio():
     assert TrainConfig.from_preset("quick", rank=256).alpha == 512
 
 
+def test_typing_a_rank_in_the_fine_tune_tab_sets_the_matching_alpha():
+    from mmdemo.ui.finetune import alpha_for_rank
+
+    assert alpha_for_rank(16, "quick") == 32 and alpha_for_rank(4, "thorough") == 8
+    assert alpha_for_rank(None, "balanced") == 32  # an emptied rank field: the preset's own alpha
+    assert not isinstance(alpha_for_rank(2.5, "quick"), int)  # not a whole number: the alpha field is left alone
+
+
 @pytest.mark.slow
 def test_an_adapter_for_two_word_captions_decodes_two_words_in_the_tab_as_in_its_table(tiny_models, tmp_path, home):
     """BLIP's 5-token minimum would pad "red ring" with three made-up words: the fine-tune fits the decoding
