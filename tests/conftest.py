@@ -32,6 +32,17 @@ def tiny_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the CI machine has 2 shared cores, and tiny models gain nothing from more."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dir) -> dict[str, str]:
     """task -> tiny checkpoint folder."""

@@ -17,15 +17,7 @@ from conftest import make_shapes_dataset, make_sounds_dataset, run_cli
 from mmdemo.jobs.train import TrainConfig, finetune
 from mmdemo.models.loading import ADAPTER_META
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine has 2 shared cores; tiny models gain nothing from more
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 shared cores
 
 
 def _run(task, data, tmp_path, tiny_models, **overrides):

@@ -26,18 +26,10 @@ from mmdemo.models.loading import ADAPTER_META
 from mmdemo.ui import common
 from mmdemo.ui import finetune as tab
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 shared cores
+
 A, B = "browser-aaaa-1111", "browser-bbbb-2222"  # two visitors' browser ids
 EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u2300-\u23FF\uFE0F]")  # boxes without an emoji font
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: tiny models gain nothing from more
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -21,18 +21,10 @@ from bench.learning import compare, make_pictures, word_accuracy
 from mmdemo.jobs.train import TrainConfig, finetune
 from mmdemo.models.loading import ADAPTER_META
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 shared cores
+
 NOISE = 0.1  # well inside the seed-to-seed spread, well under the gap that was fixed
 CHANCE = {"caption": (1 / 4 + 1 / 3) / 2, "vqa": 1 / 7, "retrieval": 1 / 12}  # guessing each word or answer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine has 2 shared cores; tiny models gain nothing from more
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

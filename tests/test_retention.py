@@ -31,18 +31,10 @@ from mmdemo.jobs.worker import run_job
 from mmdemo.ui import common
 from mmdemo.ui import finetune as tab
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 shared cores
+
 A, B = "browser-aaaa-1111", "browser-bbbb-2222"
 DAY = 86400.0
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
