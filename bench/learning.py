@@ -1,11 +1,13 @@
 """Does ``finetune`` learn as well as a plain LoRA loop? Same data, model, targets, rank, learning rate, steps.
 
 The reference is what a careful user writes by hand in about 40 lines: ``get_peft_model`` + ``torch.optim.AdamW``
-at a constant learning rate, no Trainer, batches built with the model's own processor in the loop. The project's
-side is ``mmdemo.jobs.train.finetune`` exactly as ``python -m mmdemo finetune --task T --epochs E --lr X --rank R``
+at a constant learning rate, no Trainer, batches built with the model's own processor in the loop, shuffled each
+epoch. A training seed fixes the same initial LoRA weights and the same batches on both sides, so with the plain
+loop's constant rate and weight decay the two compute the same loss at every step (tests/test_learning.py); what
+differs in use is the project's learning-rate schedule. The project's side is ``mmdemo.jobs.train.finetune`` exactly as ``python -m mmdemo finetune --task T --epochs E --lr X --rank R``
 runs it. Both adapters are then scored by the same plain scorer on held-out data the project never trained on:
 
-- caption: 12 classes of pictures (4 colours x 3 patterns), 12 training and 3 held-out pictures per class,
+- caption: 12 classes of pictures (4 colours x 3 patterns), 12 training and 10 held-out pictures per class,
   two-word captions ("red ring"); score = share of caption words right (word i of the output equals word i of
   the reference, over the longer of the two), greedy decoding of at most 10 tokens;
 - VQA: the same pictures, "what color is it?" / "what is drawn?", exact-match accuracy, greedy decoding;
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 import shutil
 import statistics
 import sys
@@ -142,8 +143,9 @@ def _rows(folder: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------- the reference loop
 def reference_loop(task: str, model_dir: str, train: list[dict], steps: int, rank: int, alpha: int, lr: float,
-                   batch_size: int = 8, seed: int = 0):
-    """Plain peft + AdamW, no Trainer: what a user writes by hand. Returns the trained peft model (eval mode)."""
+                   batch_size: int = 8, seed: int = 0, losses: list[float] | None = None):
+    """Plain peft + AdamW, no Trainer: what a user writes by hand. Returns the trained peft model (eval mode);
+    appends each step's loss to ``losses`` if given."""
     import librosa
     import torch
     import transformers
@@ -152,20 +154,21 @@ def reference_loop(task: str, model_dir: str, train: list[dict], steps: int, ran
 
     from mmdemo.models.registry import ARCHITECTURES
 
-    torch.manual_seed(seed)
     arch = next(a for a in ARCHITECTURES.values() if a.task == task)
     processor = getattr(transformers, arch.processor_class).from_pretrained(model_dir)
     model = getattr(transformers, arch.model_class).from_pretrained(model_dir)
+    torch.manual_seed(seed)  # the LoRA weights' initial values
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(arch.lora_targets)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     tok = processor.tokenizer
     audio_cache: dict[str, np.ndarray] = {}  # decoded once, as a careful user would
     order: list[int] = []
-    rng = random.Random(seed)
+    epoch = 0
     model.train()
     for _ in range(steps):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(train)), len(train))
+        if len(order) < batch_size:  # a new shuffle each epoch, drawn from torch.Generator(seed + epoch)
+            order += torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            epoch += 1
         batch, order = [train[i] for i in order[:batch_size]], order[batch_size:]
         if task == "caption":
             images = [Image.open(r["path"]).convert("RGB") for r in batch]
@@ -190,6 +193,8 @@ def reference_loop(task: str, model_dir: str, train: list[dict], steps: int, ran
         loss.backward()
         opt.step()
         opt.zero_grad()
+        if losses is not None:
+            losses.append(float(loss))
     return model.eval()
 
 
@@ -252,11 +257,12 @@ def _load_adapter(task: str, model_dir: str, adapter: Path):
 
 # --------------------------------------------------------------------------------------------------- driver
 def compare(task: str, model_dir: str, work: Path, steps: int = 720, rank: int = 16, lr: float = 1e-3,
-            batch_size: int = 8, seed: int = 0) -> dict:
+            batch_size: int = 8, seed: int = 0, test_per_class: int = 3) -> dict:
     """Train both sides for ``steps`` steps; score both with the plain scorer; the project's own metrics too."""
     from mmdemo.jobs.train import TrainConfig, finetune
 
-    data = (make_sounds if task == "retrieval" else lambda r: make_pictures(r, task))(work / f"{task}-data")
+    data = (make_sounds(work / f"{task}-data", test_per_class=test_per_class) if task == "retrieval" else
+            make_pictures(work / f"{task}-data", task, test_per_class=test_per_class))
     train, test = _rows(data / "train"), _rows(data / "test")
     per_epoch = -(-len(train) // batch_size)
     epochs = max(1, steps // per_epoch)
@@ -294,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="for retrieval (the plain loop computes CLAP features every step: slow on a CPU)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--test-per-class", type=int, default=10,
+                   help="held-out examples per class (12 classes); more makes each seed's score less noisy")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per task (0, 1, ...): the spread")
     p.add_argument("--models", help="folder of tiny checkpoints (default: built in a temporary folder)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models gain nothing from more)")
@@ -304,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_logs:
         rows = [json.loads(line) for log in args.from_logs for line in Path(log).read_text().splitlines()
                 if line.startswith('{"task"')]
-        _write(rows, "python bench/learning.py --from-logs " + " ".join(args.from_logs), write=args.write)
+        ran = [line.split("`")[1] for log in args.from_logs for line in Path(log).read_text().splitlines()
+               if line.startswith("Command: `python bench/learning.py --task")]
+        _write(rows, "`, `".join([*ran, "python bench/learning.py --from-logs " + " ".join(args.from_logs)]),
+               write=args.write)
         return 0
     torch.set_num_threads(args.threads)
     from mmdemo.models.tiny import TINY_FOR_TASK, write_tiny_models
@@ -317,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seeds):
                 steps = args.retrieval_steps if task == "retrieval" else args.steps
                 row = compare(task, str(models[TINY_FOR_TASK[task]]), Path(tmp), steps, args.rank, args.lr,
-                              seed=seed)
+                              seed=seed, test_per_class=args.test_per_class)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     _write(rows, " ".join(["python bench/learning.py", *(argv if argv is not None else sys.argv[1:])]), args.write)

@@ -5,10 +5,14 @@ captions and two questions each; 12 kinds of synthetic sound, some clips longer 
 the project's ``finetune`` and a hand-written ``get_peft_model`` + AdamW loop with the same targets, rank, alpha,
 learning rate and number of steps, and scores both adapters with the same plain scorer.
 
-One training seed is luck as much as method: over 6 seeds either side's caption score spans 0.40 to 0.65 on this
-data (bench/RESULTS.md has the medians and spreads). So this test, on one seed, asks the project for the reference's
-score less ``NOISE``, which still catches the gap issue 10 reported (0.39 against 0.67; here, before the fixes, 0.36
-against 0.57), and for clearly more than chance.
+On this data one training seed is luck as much as method: the tiny model's output layer is random and frozen, so its
+training loss only falls from 5.4 to about 4.9 and greedy decoding turns on small differences. The Trainer's default
+fused AdamW kernel alone (it rounds differently) moved seed 0's caption score from 0.41 to 0.48, and three clipped
+gradients (of 720) moved seed 3's from 0.67 to 0.62. The project
+therefore trains with the plain loop's optimiser, weight decay, constant rate and no clipping: for a seed, both
+compute the same loss at every step (the first test) and reach the same held-out score (the second, for
+captioning and VQA). Retrieval differs by design (the project hears a random 10 s window of each clip per step,
+with torch log-mel features), so there the project must reach the reference's score less ``NOISE``.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ import json
 
 import pytest
 
-from bench.learning import compare, make_pictures, word_accuracy
+from bench.learning import _rows, compare, make_pictures, reference_loop, word_accuracy
 from mmdemo.jobs.train import TrainConfig, finetune
 from mmdemo.models.loading import ADAPTER_META
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 shared cores
 
-NOISE = 0.1  # well inside the seed-to-seed spread, well under the gap that was fixed
+NOISE = 0.1  # retrieval: well inside the seed-to-seed spread, well under the gap issue 10 reported
 CHANCE = {"caption": (1 / 4 + 1 / 3) / 2, "vqa": 1 / 7, "retrieval": 1 / 12}  # guessing each word or answer
 
 
@@ -36,9 +40,28 @@ def test_finetune_learns_as_well_as_a_plain_peft_loop(task, steps, tiny_models, 
     assert r["mmdemo_steps"] == r["steps"]
     assert r["alpha"] == 32  # --rank 16 without --alpha keeps the quick preset's ratio (16/8)
     assert r["mmdemo"] > CHANCE[task] + 0.1, r
-    assert r["mmdemo"] >= r["reference"] - NOISE, r
+    assert r["mmdemo"] >= r["reference"] - (NOISE if task == "retrieval" else 0), r
     if task == "vqa":  # the page's accuracy is the plain scorer's exact match
         assert abs(r["mmdemo_reported"]["accuracy"] - r["mmdemo"]) < 0.03, r
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_the_projects_training_computes_the_plain_loops_losses(task, tiny_models, tmp_path):
+    """Same seed, same batches: at every step the project's whole path (dataset checks, preprocessing cached once,
+    collator, label masking, the Trainer with its optimiser and schedule) gives the loss the plain loop gives, so
+    nothing between the files and the model changes what it learns. (Retrieval is left out: the project computes
+    CLAP's log-mel features with torch, not with the processor's NumPy, and draws a random 10 s window per clip.)"""
+    data = make_pictures(tmp_path / "data", task, train_per_class=2, test_per_class=1)  # 24 pictures: 3 batches
+    config = TrainConfig.from_preset("quick", epochs=10, learning_rate=1e-3, rank=16, batch_size=8, min_steps=0,
+                                     seed=3)
+    result = finetune(task, data, tmp_path / "adapter", model=tiny_models[task], config=config,
+                      workdir=tmp_path / "work")
+    ours = [r["loss"] for r in result["losses"]]
+    plain: list[float] = []
+    reference_loop(task, tiny_models[task], _rows(data / "train"), len(ours), 16, 32, 1e-3, 8, seed=3, losses=plain)
+    assert len(ours) == 30 * (2 if task == "vqa" else 1)
+    assert ours == pytest.approx(plain, abs=2e-4)  # the Trainer logs losses rounded to 4 decimals
+    assert plain[-1] < plain[0] - 0.01  # and they did learn
 
 
 def test_word_accuracy_counts_words_in_place_over_the_longer_caption():
@@ -75,7 +98,7 @@ def test_an_adapter_for_two_word_captions_decodes_two_words_in_the_tab_as_in_its
     meta = json.loads((out / ADAPTER_META).read_text())
     assert meta["generation"] == {"num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 2}
     readme = (out / "README.md").read_text()
-    assert "2 to 20 new tokens" in readme and "warmup-stable-decay" in readme and "dropout 0," in readme
+    assert "2 to 20 new tokens" in readme and "rate 0.001 (constant)" in readme and "dropout 0," in readme
     lengths = [len(e["adapter"].split()) for e in result["examples"]]
     assert min(lengths) < 5, result["examples"]  # not padded to BLIP's minimum of 5 tokens
 
