@@ -1,86 +1,180 @@
-"""Captioning benchmark: latency at batch 1 and throughput for 32 requests, mmdemo vs plain transformers.
+"""Captioning and VQA benchmark: latency and throughput, mmdemo vs plain transformers, with a token check.
 
-    python bench/caption.py               # full-size random-weight BLIP-base on the best device
-    python bench/caption.py --tiny --quick  # tiny checkpoint, CPU smoke run (the test suite runs this)
+    OMP_WAIT_POLICY=PASSIVE python bench/caption.py    # full-size random-weight BLIP-base on the best device
+    python bench/caption.py --tiny --quick              # tiny checkpoints, CPU smoke run (the test suite runs this)
 
-Baseline: what a user writes (``BlipForConditionalGeneration.from_pretrained`` in fp32, processor,
-``model.generate`` one image at a time, greedy). mmdemo: ``mmdemo.models.caption.caption`` through the
-project's loader (bf16 on a CUDA GPU), a batch of 32 for the throughput row. Both produce exactly 20
-new tokens (min = max), so timings do not depend on the random weights.
+Baseline: what a user writes (``BlipForConditionalGeneration`` / ``BlipForQuestionAnswering.from_pretrained`` in
+fp32, the same processor, ``model.generate`` one request at a time). mmdemo: ``mmdemo.models.caption.caption`` and
+``mmdemo.models.vqa.answer`` through the project's loader (bf16 on a CUDA GPU; on the CPU fp32, exact mode unless
+MMDEMO_FAST is set). Every row forces exactly ``--tokens`` new tokens (min = max), so timings do not depend on the
+random weights. Rows:
+
+- greedy latency (1 image) and throughput (``--requests`` images, one batch) against plain one at a time;
+- caption and VQA latency with 3 beams (the app's decoding): the cross-attention keys/values once per image,
+  not per beam, never copied at the beams' reorder, and the large matrices multiplied in slices;
+- 16 concurrent requests with 3 beams: the app batches them into one ``caption`` call (Gradio ``batch=True``,
+  up to 16); against plain one at a time, and against the project one at a time;
+- whether mmdemo's tokens are identical to plain ``generate``'s (3 beams, caption and VQA; checked, printed).
+
+A and B repetitions are interleaved (A, B, A, B, ...); each cell is the median and (min-max).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
-from common import build_checkpoint, cache_dir, environment, fmt, median, report, timeit
+from common import build_checkpoint, cache_dir, environment, fmt, median, report, sync
+
+
+def interleaved(fns: dict, device: str, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, the functions taking turns (so drift in the machine hits all alike)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def cell(xs: list[float], unit: str = "s", per: float = 1.0) -> str:
+    """Median and (min-max); ``unit`` "s" for times, else a rate ``per`` / time."""
+    if unit == "s":
+        return f"{fmt(median(xs), 's')} ({fmt(min(xs), 's')}-{fmt(max(xs), 's')})"
+    return f"{per / median(xs):,.2f} {unit} ({per / max(xs):,.2f}-{per / min(xs):,.2f})"
+
+
+def ratio(base: list[float], ours: list[float]) -> str:
+    return f"{median(base) / median(ours):.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--tiny", action="store_true", help="use the tiny checkpoint (smoke run)")
+    p.add_argument("--tiny", action="store_true", help="use the tiny checkpoints (smoke run)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
     p.add_argument("--device", default=None)
-    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--requests", type=int, default=32, help="images in the greedy throughput row")
+    p.add_argument("--concurrent", type=int, default=16, help="requests in the 3-beam throughput rows")
     p.add_argument("--tokens", type=int, default=20)
+    p.add_argument("--iters", type=int, default=None, help="timed repetitions of the latency rows")
     p.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = p.parse_args(argv)
 
     import torch
     from PIL import Image
-    from transformers import BlipForConditionalGeneration, BlipProcessor
+    from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, BlipProcessor
 
     from mmdemo.models.caption import caption
     from mmdemo.models.generation import GenerationOptions
-    from mmdemo.models.loading import load, pick_device
+    from mmdemo.models.loading import clear_cache, load, pick_device
+    from mmdemo.models.vqa import answer
 
     device = pick_device(args.device)
-    folder = str(build_checkpoint("caption", cache_dir() / ("tiny-caption" if args.tiny else "blip-caption-base"),
-                                  tiny=args.tiny))
-    iters, warmup = (2, 1) if args.quick else (10, 3)
+    name = "tiny-{}" if args.tiny else "blip-{}-base"
+    folders = {task: str(build_checkpoint(task, cache_dir() / name.format(task), tiny=args.tiny))
+               for task in ("caption", "vqa")}
+    iters, warmup = (2, 1) if args.quick else (args.iters or 7, 1)
     if args.quick:
-        args.requests = min(args.requests, 8)
+        args.requests, args.concurrent = min(args.requests, 8), min(args.concurrent, 4)
     rng = torch.Generator().manual_seed(0)
     images = [Image.fromarray((torch.rand(384, 384, 3, generator=rng) * 255).byte().numpy())
-              for _ in range(args.requests)]
-    greedy = dict(num_beams=1, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+              for _ in range(max(args.requests, args.concurrent))]
+    question = "what is in the picture?"
+    n_tok = args.tokens
+    greedy = GenerationOptions(num_beams=1, max_new_tokens=n_tok, min_new_tokens=n_tok)
+    beam3 = GenerationOptions(num_beams=3, max_new_tokens=n_tok, min_new_tokens=n_tok)
+    rows: list[dict] = []
+    identical: dict[str, bool] = {}
 
-    # plain transformers, fp32
-    processor = BlipProcessor.from_pretrained(folder)
-    plain = BlipForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    # ---------------------------------------------------------------- captions: plain and mmdemo side by side
+    processor = BlipProcessor.from_pretrained(folders["caption"])
+    plain = BlipForConditionalGeneration.from_pretrained(folders["caption"], dtype=torch.float32).to(device).eval()
+    loaded = load("caption", folders["caption"], device=device)
+    dtype = loaded.dtype
 
-    def plain_one(img=images[0]):
+    def plain_caption(img, options):
         with torch.no_grad():
-            return plain.generate(**processor(images=img, return_tensors="pt").to(device), **greedy)
+            out = plain.generate(**processor(images=img, return_tensors="pt").to(device), **options.kwargs())
+        return processor.decode(out[0], skip_special_tokens=True).strip()
 
-    def plain_all():
-        for img in images:
-            plain_one(img)
+    # tokens: the project's captions of 3 images in one batch against plain generate on each
+    ours_text = caption(images[:3], options=beam3, model=loaded)
+    identical["caption"] = ours_text == [plain_caption(img, beam3) for img in images[:3]]
 
-    base_lat = median(timeit(plain_one, device, warmup, iters))
-    base_all = median(timeit(plain_all, device, min(warmup, 1), max(1, iters // 5)))
-    plain = None  # free it before loading the project path
+    t = interleaved({"plain": lambda: plain_caption(images[0], greedy),
+                     "ours": lambda: caption(images[:1], options=greedy, model=loaded)}, device, warmup, iters)
+    rows.append({"measure": f"latency, 1 image, {n_tok} tokens, greedy", "baseline": cell(t["plain"]),
+                 "ours": cell(t["ours"]), "ratio": ratio(t["plain"], t["ours"]), "target": ">= 5x (H100)"})
+    t = interleaved({"plain": lambda: plain_caption(images[0], beam3),
+                     "ours": lambda: caption(images[:1], options=beam3, model=loaded)}, device, warmup, iters)
+    rows.append({"measure": f"caption latency, 1 image, 3 beams, {n_tok} tokens", "baseline": cell(t["plain"]),
+                 "ours": cell(t["ours"]), "ratio": ratio(t["plain"], t["ours"]), "target": ">= 1.3x (CPU)"})
+
+    n = args.requests
+    few = max(1, iters // 3)
+    t = interleaved({"plain": lambda: [plain_caption(img, greedy) for img in images[:n]],
+                     "ours": lambda: caption(images[:n], options=greedy, model=loaded, batch_size=n)},
+                    device, 0, few)
+    rows.append({"measure": f"throughput, {n} requests, greedy", "baseline": cell(t["plain"], "img/s", n),
+                 "ours": cell(t["ours"], "img/s", n), "ratio": ratio(t["plain"], t["ours"]), "target": ">= 8x (H100)"})
+
+    # 16 users at once: the app hands their images to one caption() call (batches of up to 16)
+    c = args.concurrent
+    t = interleaved({"plain": lambda: [plain_caption(img, beam3) for img in images[:c]],
+                     "one": lambda: [caption([img], options=beam3, model=loaded) for img in images[:c]],
+                     "batched": lambda: caption(images[:c], options=beam3, model=loaded)}, device, 0, few)
+    rows.append({"measure": f"throughput, {c} concurrent requests, 3 beams, vs plain one at a time",
+                 "baseline": cell(t["plain"], "img/s", c), "ours": cell(t["batched"], "img/s", c),
+                 "ratio": ratio(t["plain"], t["batched"]), "target": ">= 3x"})
+    rows.append({"measure": f"throughput, {c} concurrent requests, 3 beams, vs mmdemo one at a time",
+                 "baseline": "mmdemo: " + cell(t["one"], "img/s", c), "ours": cell(t["batched"], "img/s", c),
+                 "ratio": ratio(t["one"], t["batched"]), "target": ">= 3x"})
+    plain = loaded = None
+    clear_cache()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
-    # mmdemo
-    loaded = load("caption", folder, device=device)
-    options = GenerationOptions(num_beams=1, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
-    ours_lat = median(timeit(lambda: caption(images[:1], options=options, model=loaded), device, warmup, iters))
-    ours_all = median(timeit(lambda: caption(images, options=options, model=loaded, batch_size=len(images)),
-                             device, min(warmup, 1), max(1, iters // 5)))
+    # ---------------------------------------------------------------------------------------------- VQA
+    processor = BlipProcessor.from_pretrained(folders["vqa"])
+    plain = BlipForQuestionAnswering.from_pretrained(folders["vqa"], dtype=torch.float32).to(device).eval()
+    loaded = load("vqa", folders["vqa"], device=device)
 
-    n = len(images)
-    rows = [
-        {"measure": "latency, 1 image, 20 tokens", "baseline": fmt(base_lat, "s"), "ours": fmt(ours_lat, "s"),
-         "ratio": f"{base_lat / ours_lat:.2f}x", "target": ">= 5x (H100)"},
-        {"measure": f"throughput, {n} requests", "baseline": fmt(n / base_all, "img/s"),
-         "ours": fmt(n / ours_all, "img/s"), "ratio": f"{base_all / ours_all:.2f}x", "target": ">= 8x (H100)"},
-    ]
+    def plain_answer(img):
+        with torch.no_grad():
+            out = plain.generate(**processor(images=img, text=question, return_tensors="pt").to(device),
+                                 **beam3.kwargs())
+        return processor.decode(out[0], skip_special_tokens=True).strip()
+
+    identical["vqa"] = all(answer(img, [question], options=beam3, model=loaded) == [plain_answer(img)]
+                           for img in images[:3])
+    t = interleaved({"plain": lambda: plain_answer(images[0]),
+                     "ours": lambda: answer(images[0], [question], options=beam3, model=loaded)}, device, warmup, iters)
+    rows.append({"measure": f"VQA latency, 1 image + 1 question, 3 beams, {n_tok} tokens", "baseline": cell(t["plain"]),
+                 "ours": cell(t["ours"]), "ratio": ratio(t["plain"], t["ours"]), "target": ">= 1.3x (CPU)"})
+    plain = loaded = None
+    clear_cache()
+
+    exact = dtype == torch.float32
+    for task, same in identical.items():
+        print(f"{task}: mmdemo's tokens {'ARE' if same else 'are NOT'} identical to plain generate's (3 beams)")
+        rows.append({"measure": f"{task}: tokens identical to plain generate (3 beams, 3 images)",
+                     "baseline": "-", "ours": "yes" if same else "no", "ratio": "-",
+                     "target": "yes" if exact else f"- ({dtype} vs fp32)"})
+    env = environment(device) | {"dtype": f"{dtype} (mmdemo), torch.float32 (plain)",
+                                 "MMDEMO_FAST": os.environ.get("MMDEMO_FAST", "unset"),
+                                 "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
+                                 "load average at end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                                 "repetitions": f"{iters} (latency), {few} (throughput), interleaved"}
     cmd = "python bench/caption.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    report("caption" + (" (tiny smoke)" if args.tiny else ""), cmd, environment(device) | {"dtype": str(loaded.dtype)},
-           rows, args.write)
+    report("caption" + (" (tiny smoke)" if args.tiny else ""), cmd, env, rows, args.write)
     return 0
 
 

@@ -9,6 +9,8 @@ Env vars:
     MMDEMO_DTYPE             bfloat16, float16 or float32 (default: bf16 on a CUDA GPU with it, else fp32)
     MMDEMO_MAX_IMAGE_PIXELS, MMDEMO_MAX_IMAGE_MB, MMDEMO_MAX_AUDIO_MB, MMDEMO_MAX_AUDIO_SECONDS  input limits
     MMDEMO_MIN_AUDIO_SECONDS shortest audio clip accepted (default 0.1)
+    MMDEMO_FAST              1 turns on the CPU fast mode (int8 BLIP layers, the CLAP audio encoder in
+                             onnxruntime int8): faster, outputs close to but not identical to fp32 (default 0: off)
     MMDEMO_MAX_QUEUED_JOBS   fine-tuning jobs one user may have waiting or running at once (default 3)
     MMDEMO_KEEP_RUNS_DAYS    days a finished fine-tuning job keeps its run folder (dataset copy, checkpoints, log)
                              and its per-step progress records; fractions allowed; ``0`` or ``forever`` keeps them
@@ -54,6 +56,21 @@ def _env_days(name: str, default: float) -> float:
     except ValueError:
         raise InputError(f"{name} must be a number of days (0 or forever keeps finished runs forever), "
                          f"but it is {raw!r}.") from None
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    raw = (os.environ.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise InputError(f"{name} must be 1 (on) or 0 (off), but it is {raw!r}.")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -108,6 +125,8 @@ class Settings:
     max_queued_jobs: int = 3  # per user, waiting or running: one user cannot fill the GPU queue for everyone
     # a finished job's run folder and per-step records are deleted this many days after it ended; 0: never
     keep_runs_days: float = 7.0
+    # CPU fast mode (mmdemo.models.fast): int8 text/vision layers, exported CLAP audio encoder; not token-identical
+    fast: bool = False
 
     def __post_init__(self) -> None:
         if self.max_queued_jobs < 1:
@@ -135,6 +154,7 @@ class Settings:
             limits=Limits.from_env(),
             max_queued_jobs=_env_int("MMDEMO_MAX_QUEUED_JOBS", cls.max_queued_jobs),
             keep_runs_days=_env_days("MMDEMO_KEEP_RUNS_DAYS", cls.keep_runs_days),
+            fast=_env_flag("MMDEMO_FAST", cls.fast),
         )
 
     @property

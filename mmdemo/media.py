@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
+import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,9 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3"}
 
 ImageSource = str | Path | bytes | Image.Image
+EXIF_ORIENTATION = 0x0112
+DECODED_BYTES = 128 * 1024 * 1024  # decoded images kept by decoded_image, in RGB bytes
+DECODED_SECONDS = 300.0  # ... and for how long (a request's check and its run come seconds apart)
 
 
 def _mb(n: float) -> str:
@@ -127,10 +133,72 @@ def load_image(src: ImageSource, limits: Limits | None = None, name: str | None 
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else exif_transpose would only copy the pixels
+            img = ImageOps.exif_transpose(img) or img
         return _to_rgb(img)
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{label} is truncated or corrupt and cannot be decoded ({err}); upload it again.") from None
+
+
+class _DecodedImages:
+    """The last images :func:`decoded_image` decoded, by file identity (path, size, modification time)."""
+
+    def __init__(self, max_bytes: int, seconds: float):
+        self.max_bytes, self.seconds = max_bytes, seconds
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple, tuple[float, Image.Image]] = OrderedDict()
+
+    def get(self, key: tuple) -> Image.Image | None:
+        with self._lock:
+            self._expire()
+            found = self._items.get(key)
+            if found is None:
+                return None
+            self._items.move_to_end(key)
+            return found[1]
+
+    def put(self, key: tuple, img: Image.Image) -> None:
+        size = img.width * img.height * 3
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            self._items[key] = (time.monotonic(), img)
+            self._expire()
+            while sum(i.width * i.height * 3 for _, i in self._items.values()) > self.max_bytes:
+                self._items.popitem(last=False)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (when, _) in self._items.items() if now - when > self.seconds]:
+            del self._items[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+DECODED = _DecodedImages(DECODED_BYTES, DECODED_SECONDS)
+
+
+def decoded_image(path: str | Path, limits: Limits | None = None) -> Image.Image:
+    """:func:`load_image` for a file, remembered for a few minutes: a request's check and its run decode it once.
+
+    Keyed by the file's path, size and modification time (a changed file is decoded again) and the limits.
+    The same ``Image`` is returned to every caller: treat it as read-only (Pillow's operations return new
+    images). A file that fails is not remembered; each attempt says why.
+    """
+    limits = limits or Limits()
+    file = Path(path)
+    try:
+        st = file.stat()
+    except OSError:
+        return load_image(file, limits)  # says what is wrong with it
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns, limits)
+    img = DECODED.get(key)
+    if img is None:
+        img = load_image(file, limits)
+        DECODED.put(key, img)
+    return img
 
 
 @dataclass(frozen=True)

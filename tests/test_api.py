@@ -80,18 +80,18 @@ def test_project_errors_reach_the_client_as_their_sentence(served, tmp_path):
 
 def test_concurrent_caption_requests_share_forward_passes(served, tmp_path, monkeypatch):
     """16 users at once are served in fewer forward passes than requests (Gradio batch=True)."""
-    from transformers import BlipForConditionalGeneration
+    from mmdemo.models import caption as caption_model
 
     passes: list[int] = []
     lock = threading.Lock()
-    original = BlipForConditionalGeneration.generate
+    original = caption_model.caption_generate  # BLIP's generate, with cross-attention keys once per image
 
-    def counting_generate(self, *args, **kwargs):
+    def counting_generate(model, *args, **kwargs):
         with lock:
             passes.append(int(kwargs["pixel_values"].shape[0]))
-        return original(self, *args, **kwargs)
+        return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(BlipForConditionalGeneration, "generate", counting_generate)
+    monkeypatch.setattr(caption_model, "caption_generate", counting_generate)
     images = [make_image(tmp_path / f"u{i}.png", ("red", "green", "blue", "black")[i % 4],
                          ("circle", "square", "triangle")[i % 3]) for i in range(16)]
     jobs = [served.submit([handle_file(str(p))], "", 2, 8, "base", ALICE, api_name="/caption") for p in images]

@@ -24,8 +24,24 @@ def test_bench_smoke(bench, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["bench"].startswith(bench) and record["rows"]
-    for row in record["rows"]:
+    timed = [row for row in record["rows"] if row["ratio"] != "-"]  # "-": an agreement row, not a timing
+    assert timed
+    for row in timed:
         assert row["ratio"].endswith("x") and float(row["ratio"][:-1]) > 0
+
+
+def test_app_bench_smoke(tmp_path):
+    """bench/app.py on the tiny models: overhead per endpoint, the start, the peak RSS, each model loaded once."""
+    env = {**os.environ, "MMDEMO_BENCH_CACHE": str(tmp_path), "MMDEMO_DEVICE": "cpu", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/app.py", "--tiny", "--quick", "--requests", "2"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    measures = [row["measure"] for row in record["rows"]]
+    for name in ("caption", "vqa", "search_audio"):
+        assert any(m.startswith(f"{name}: app overhead") for m in measures), measures
+    assert any(m.startswith("app start") for m in measures) and any(m.startswith("peak RSS") for m in measures)
+    assert record["rows"][-1]["ours"].startswith("3: ")  # three models, each loaded once
 
 
 def test_gpu_check_smoke(tmp_path):

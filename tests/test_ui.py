@@ -142,11 +142,11 @@ def test_a_batch_the_model_fails_on_is_served_one_by_one(tmp_path, tiny_models, 
     real = caption.caption_model.caption
     calls = []
 
-    def fragile(paths, *args, **kwargs):
-        calls.append(len(paths))
-        if any("green" in str(p) for p in paths):
+    def fragile(images, *args, **kwargs):  # the decoded images; the green one makes the model fail
+        calls.append(len(images))
+        if any(img.getpixel((32, 32)) == (0, 128, 0) for img in images):
             raise RuntimeError("index out of range in self")
-        return real(paths, *args, **kwargs)
+        return real(images, *args, **kwargs)
 
     monkeypatch.setattr(caption.caption_model, "caption", fragile)
     rows, _ = caption.caption_batch([[str(p)] for p in images], [""] * 3, [3] * 3, [8] * 3, ["base"] * 3,

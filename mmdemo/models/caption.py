@@ -8,6 +8,7 @@ from pathlib import Path
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError
 from mmdemo.media import ImageSource, load_image
+from mmdemo.models.beams import caption_generate
 from mmdemo.models.generation import (
     CAPTION_DEFAULTS,
     GenerationOptions,
@@ -70,5 +71,5 @@ def _caption_batch(loaded: Loaded, images, prompt, options: GenerationOptions, a
     inputs = inputs.to(loaded.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
     with loaded.using(adapter) as model, torch.inference_mode():
-        out = model.generate(**inputs, **options.kwargs())
+        out = caption_generate(model, **inputs, **options.kwargs())  # model.generate's tokens, less work
     return [text.strip() for text in processor.batch_decode(out, skip_special_tokens=True)]

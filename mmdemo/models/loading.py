@@ -9,6 +9,9 @@ it get the same sentence at once instead of waiting for the Hub again.
 Adapters are PEFT folders injected into the loaded base model with ``PeftModel.from_pretrained`` /
 ``load_adapter`` and chosen per request with ``set_adapter``; a request without adapter runs under
 ``disable_adapter()``, so the base is never reloaded.
+
+With ``MMDEMO_FAST=1`` a model loaded on the CPU is made faster by :mod:`mmdemo.models.fast` (int8 layers,
+an exported CLAP audio encoder); it is cached apart from the exact one, and ``fast=False`` loads the exact one.
 """
 
 from __future__ import annotations
@@ -143,6 +146,8 @@ class Loaded:
     peft: Any = None  # PeftModel wrapper once an adapter was loaded
     adapters: dict[str, str] = field(default_factory=dict)  # resolved adapter folder -> peft adapter name
     memo: OrderedDict = field(default_factory=OrderedDict)  # small LRU of derived values (text embeddings)
+    fast: bool = False  # fast mode (mmdemo.models.fast): int8 layers, outputs close to but not exactly fp32
+    fast_audio: Any = None  # fast mode's exported CLAP audio encoder; False once its export failed
 
     @contextlib.contextmanager
     def using(self, adapter: str | Path | None = None) -> Iterator[Any]:
@@ -176,9 +181,11 @@ class Loaded:
                 else:
                     self.peft.load_adapter(str(folder), adapter_name=name)
             except (ValueError, KeyError, RuntimeError, OSError) as err:
+                hint = (" or, if it adapts other layers than mmdemo's fine-tunes do, turn fast mode off "
+                        "(MMDEMO_FAST=0)") if self.fast else ""
                 raise ModelLoadError(
                     f"Adapter {folder.name} does not fit the {self.checkpoint} model ({err}); "
-                    f"use an adapter trained on this checkpoint."
+                    f"use an adapter trained on this checkpoint{hint}."
                 ) from None
             self.peft.eval()
             self.adapters[key] = name
@@ -199,6 +206,10 @@ def check_adapter(folder: Path, task: str) -> dict:
 _CACHE: dict[tuple, Loaded] = {}
 _CACHE_LOCK = threading.Lock()
 _KEY_LOCKS: dict[tuple, threading.Lock] = {}
+# Two models loading at once in threads (the warm-up and a click on another tab) break: transformers 5 builds
+# models under a process-wide meta-device context and imports its classes lazily, so one load gets "Cannot copy
+# out of meta tensor" or "module 'transformers' has no attribute ...". Loads of different models wait in turn.
+_LOAD_LOCK = threading.Lock()
 
 FAILURE_TTL = hub.PROBE_TTL  # seconds a failed load is answered from memory, like the Hub probe it may come from
 
@@ -235,8 +246,12 @@ def forget_failures() -> None:
         _FAILED.clear()
 
 
-def load(task: str, checkpoint: str | None = None, device: str | None = None, dtype: Any = None) -> Loaded:
+def load(task: str, checkpoint: str | None = None, device: str | None = None, dtype: Any = None,
+         fast: bool | None = None) -> Loaded:
     """The loaded model for ``task``; loads it on first use and returns the same object afterwards.
+
+    ``fast`` (default: ``MMDEMO_FAST``) loads the fast-mode model; it applies on the CPU only and is ignored
+    elsewhere (a GPU runs in bf16 already).
 
     Raises :class:`ModelLoadError` at once, with the same sentence, while a recent load of the same
     checkpoint failed (see ``FAILURE_TTL``).
@@ -250,7 +265,8 @@ def load(task: str, checkpoint: str | None = None, device: str | None = None, dt
     dtype = dtype if dtype is not None else pick_dtype(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    key = (task, checkpoint, device, dtype)
+    fast = bool(get_settings().fast if fast is None else fast) and device == "cpu" and dtype == torch.float32
+    key = (task, checkpoint, device, dtype) + (("fast",) if fast else ())
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -263,7 +279,8 @@ def load(task: str, checkpoint: str | None = None, device: str | None = None, dt
         if (err := recent_failure(task, checkpoint)) is not None:
             raise err
         try:
-            loaded = _load_uncached(task, checkpoint, device, dtype)
+            with _LOAD_LOCK:  # one load at a time: transformers' from_pretrained is not thread-safe
+                loaded = _load_uncached(task, checkpoint, device, dtype, fast=fast)
         except ModelLoadError as err:
             hub_down = not _is_local(checkpoint) and not hub.known_reachable()
             with _FAILED_LOCK:
@@ -274,7 +291,7 @@ def load(task: str, checkpoint: str | None = None, device: str | None = None, dt
         return loaded
 
 
-def _load_uncached(task: str, checkpoint: str, device: str, dtype: Any) -> Loaded:
+def _load_uncached(task: str, checkpoint: str, device: str, dtype: Any, fast: bool = False) -> Loaded:
     import transformers
 
     hub_kwargs = hub_options(task, checkpoint)
@@ -292,8 +309,12 @@ def _load_uncached(task: str, checkpoint: str, device: str, dtype: Any) -> Loade
             raise _missing(task, checkpoint, partly=True) from None
         raise _missing(task, checkpoint, f"is incomplete ({err})") from None
     model.to(device).eval()
+    if fast:
+        from mmdemo.models import fast as fast_mode
+
+        fast_mode.quantize_model(task, model, arch.lora_targets)
     return Loaded(task=task, checkpoint=checkpoint, arch=arch, model=model, processor=processor,
-                  device=device, dtype=dtype)
+                  device=device, dtype=dtype, fast=fast)
 
 
 def loaded_models() -> list[Loaded]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError
 from mmdemo.media import ImageSource, load_image
+from mmdemo.models.beams import answer_generate, encode_images
 from mmdemo.models.generation import (
     VQA_DEFAULTS,
     GenerationOptions,
@@ -96,7 +97,7 @@ def answer_pairs(
         groups[len(tokenizer(q)["input_ids"])].append(i)
     answers: list[str] = [""] * len(pairs)
     with loaded.using(adapter) as m, torch.inference_mode():
-        image_embeds = m.vision_model(pixel_values=pixel_values)[0]
+        image_embeds = encode_images(m, pixel_values)
         for idx in groups.values():
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start:start + batch_size]
@@ -109,15 +110,4 @@ def answer_pairs(
 
 def _generate(model, image_embeds, text, options: GenerationOptions):
     """``BlipForQuestionAnswering.generate`` from precomputed image embeddings (same steps, same tokens)."""
-    import torch
-
-    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    question_embeds = model.text_encoder(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
-                                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-                                         return_dict=False)[0]
-    question_mask = torch.ones(question_embeds.shape[:-1], dtype=torch.long, device=question_embeds.device)
-    bos = torch.full((question_embeds.shape[0], 1), model.decoder_start_token_id, device=question_embeds.device)
-    cfg = model.config.text_config
-    return model.text_decoder.generate(input_ids=bos, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
-                                       encoder_hidden_states=question_embeds, encoder_attention_mask=question_mask,
-                                       **options.kwargs())
+    return answer_generate(model, image_embeds, text["input_ids"], text["attention_mask"], **options.kwargs())

@@ -119,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model calls running at once, all tabs together (default 1)")
     p.add_argument("--max-batch-size", type=int, default=16, help="caption/VQA requests served by one call")
     p.add_argument("--no-warm-up", action="store_true", help="load models on first use instead of at startup")
+    p.add_argument("--fast", action="store_true", help="CPU fast mode (MMDEMO_FAST=1): int8 layers and an exported "
+                   "audio encoder; faster, outputs close to but not exactly the models' own")
     return p.parse_args(argv)
 
 
@@ -126,6 +128,8 @@ def configure(args: argparse.Namespace) -> UIContext:
     """Apply the flags to the environment (which the model layer reads) and return the UI context."""
     if args.home:
         os.environ["MMDEMO_HOME"] = args.home
+    if args.fast:
+        os.environ["MMDEMO_FAST"] = "1"
     checkpoints: dict[str, str] = {}
     home = get_settings().home
     problem = ensure_writable(home)

@@ -32,6 +32,7 @@ from mmdemo.config import folder_problem, get_settings
 from mmdemo.errors import InputError, MMDemoError
 from mmdemo.media import AUDIO_EXTENSIONS, audio_info, file_sha256
 from mmdemo.models.generation import check_text
+from mmdemo.models.loading import Loaded
 from mmdemo.models.retrieval import (
     AudioIndex,
     Embedder,
@@ -64,6 +65,7 @@ MAX_UPLOADS = 500
 MAX_LABELS = 50  # each label is one text-tower pass; 10,000 would hold the shared model for a minute
 MAX_TEXT_CHARS = 300  # a query or a label; the model's token limit is checked too
 DEFAULT_LABELS = "beep, siren, rain, bird, whistle, drum, hum, speech, bell, chord"
+EXAMPLE_QUERIES = ["a high beep", "rain", "a siren", "a rising chirp"]
 RESULT_HEADERS = ["rank", "clip", "score"]
 LABEL_HEADERS = ["rank", "label", "score"]
 LIBRARY_HEADERS = ["clip", "seconds"]
@@ -77,6 +79,8 @@ log = logging.getLogger(__name__)
 _INDEXES: dict[str, AudioIndex] = {}
 _INDEX_LOCK = threading.Lock()
 _FILL_LOCKS: dict[str, threading.Lock] = {}  # adapter library folder -> lock held while it is topped up
+_EMBEDDERS: dict[tuple, Embedder] = {}  # (model key, adapter folder) -> its Embedder, reused by every request
+_EMBEDDER_LOCK = threading.Lock()
 
 
 def bundled_clips() -> list[Path]:
@@ -122,9 +126,19 @@ def library(checkpoint: str, adapter: str | None = None) -> tuple[AudioIndex, Em
         raise InputError(problem) from None
 
 
+def embedder(loaded: Loaded, adapter: str | None = None) -> Embedder:
+    """The ``Embedder`` for ``loaded`` (and ``adapter``), made once (it builds the audio feature transform)."""
+    key = (loaded.task, loaded.checkpoint, loaded.device, str(loaded.dtype), adapter)
+    with _EMBEDDER_LOCK:
+        emb = _EMBEDDERS.get(key)
+        if emb is None or emb.loaded is not loaded:  # a model loaded again (tests clear the cache) gets a new one
+            emb = _EMBEDDERS[key] = Embedder(loaded, adapter=adapter)
+    return emb
+
+
 def _library(checkpoint: str, adapter: str | None) -> tuple[AudioIndex, Embedder]:
     loaded = gpu.loaded(TASK, checkpoint)
-    emb = Embedder(loaded)
+    emb = embedder(loaded)
     path = index_dir(emb.checkpoint)
     with _INDEX_LOCK:
         index = _open(path, emb)
@@ -132,7 +146,7 @@ def _library(checkpoint: str, adapter: str | None) -> tuple[AudioIndex, Embedder
             index.add_files(bundled_clips(), emb)
         if adapter is None:
             return index, emb
-        emb = Embedder(loaded, adapter=adapter)
+        emb = embedder(loaded, adapter)
         own = _open(index_dir(emb.checkpoint, adapter), emb)
         fill_lock = _FILL_LOCKS.setdefault(str(own.path), threading.Lock())
     # Filled outside _INDEX_LOCK (embedding a big library takes a while; the base library stays usable),
@@ -349,7 +363,7 @@ def classify_audio(audio, labels: str, top_k=5, model: str | None = BASE, browse
     candidates = split_labels(labels, checkpoint)
     k = _top_k(top_k)
     adapter = adapter_path(TASK, model, optional_owner(browser_id, profile))
-    emb = Embedder(gpu.loaded(TASK, _checkpoint(checkpoint)), adapter=adapter)
+    emb = embedder(gpu.loaded(TASK, _checkpoint(checkpoint)), adapter)
     hits = rank_labels(embed_query_audio(emb, path=path), candidates, emb, k)
     rows = [[h.rank, h.label, round(h.score, 4)] for h in hits]
     return rows, _plot(rows), _info(emb, model, start)
@@ -384,8 +398,10 @@ def players(rows: list | pd.DataFrame | None, paths: list[str] | None) -> list[d
 
 
 def warm_up(ctx: UIContext) -> None:
-    """Build the library from the bundled clips in the background, so the first search is quick."""
-    library(ctx.checkpoint(TASK))
+    """Build the library from the bundled clips in the background, so the first search is quick; embed the
+    example queries and the default labels too (the query cache then answers a click on them at once)."""
+    _index, emb = library(ctx.checkpoint(TASK))
+    emb.texts([*EXAMPLE_QUERIES, *split_labels(DEFAULT_LABELS, ctx.checkpoint(TASK))])
 
 
 def _score_chart(label: str, title: str, what: str) -> gr.BarPlot:
@@ -423,7 +439,7 @@ def build(ctx: UIContext) -> None:
                                        elem_id="audio-results")
                 plot = _score_chart("Scores", "How well each clip matches your text", "clip")
                 text_info, text_info_box = run_info_box("audio-text-info")
-                gr.Examples([["a high beep"], ["rain"], ["a siren"], ["a rising chirp"]], inputs=[query],
+                gr.Examples([[q] for q in EXAMPLE_QUERIES], inputs=[query],
                             label="Examples: click one to fill in the description")
             with gr.Tab("Search by sound"):
                 sound = gr.Audio(label="A sound (upload or record)", sources=["upload", "microphone"],

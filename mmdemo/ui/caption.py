@@ -10,10 +10,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError
-from mmdemo.media import load_image
+from mmdemo.media import decoded_image
 from mmdemo.models import caption as caption_model
 from mmdemo.models.generation import CAPTION_DEFAULTS, for_adapter
 from mmdemo.ui import gpu
@@ -53,7 +54,9 @@ def _prepare(files, prompt, num_beams, max_new_tokens, adapter, owner: str | Non
     """Everything about one request that can be wrong, checked before it joins a batch; returns its work.
 
     Bounds: at most ``MAX_IMAGES`` images, each within the size/pixel limits; the prefix and max new tokens
-    within the model's text positions; the adapter one that ``owner`` may use.
+    within the model's text positions; the adapter one that ``owner`` may use. Each image is decoded once
+    per request: the decoded images are part of the work, and the check before the run decodes the same files
+    (:func:`mmdemo.media.decoded_image` remembers them).
     """
     paths = _paths(files)
     if not paths:
@@ -61,12 +64,11 @@ def _prepare(files, prompt, num_beams, max_new_tokens, adapter, owner: str | Non
     if len(paths) > MAX_IMAGES:
         raise InputError(f"{len(paths)} images were uploaded; caption at most {MAX_IMAGES} at a time.")
     limits = get_settings().limits
-    for p in paths:
-        load_image(p, limits)
+    images = [decoded_image(p, limits) for p in paths]  # the run reuses the check's decode (and passes it on)
     adapter_dir = adapter_path(TASK, adapter, owner)
     options = generation_options(num_beams, max_new_tokens, for_adapter(CAPTION_DEFAULTS, adapter_dir))
     caption_model.check_prompt(gpu.loaded(TASK, checkpoint), prompt, options)
-    return paths, (prompt or "").strip() or None, options, adapter_dir
+    return paths, (prompt or "").strip() or None, options, adapter_dir, images
 
 
 def check_request(files, prompt, num_beams, max_new_tokens, adapter, browser_id,
@@ -76,7 +78,7 @@ def check_request(files, prompt, num_beams, max_new_tokens, adapter, browser_id,
 
 
 @gpu.task(duration=60)
-def _run(groups: list[tuple[list[str], str | None, tuple[int, int], str | None]],
+def _run(groups: list[tuple[list[Image.Image], str | None, tuple[int, int], str | None]],
          checkpoint: str) -> tuple[list[list[str]], str, str]:
     """One ``caption`` call (one forward pass per 16 images) per group of requests that can share it.
 
@@ -107,9 +109,9 @@ def caption_batch(files_list, prompts, beams_list, max_list, adapters, browser_i
 
     def call(part: dict) -> tuple[dict, str, str]:
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (_images, prompt, opts, adapter) in part.items():
+        for i, (_paths, prompt, opts, adapter, _images) in part.items():
             groups[(prompt, opts.num_beams, opts.max_new_tokens, adapter)].append(i)
-        jobs = [([p for i in members for p in part[i][0]], prompt, (beams, max_new), adapter)
+        jobs = [([img for i in members for img in part[i][4]], prompt, (beams, max_new), adapter)
                 for (prompt, beams, max_new, adapter), members in groups.items()]
         results, device, ran_on = _run(jobs, checkpoint)
         out = {}

@@ -3,8 +3,8 @@
 On ZeroGPU (the ``spaces`` package is importable and ``SPACES_ZERO_GPU`` is set) the main process has no
 CUDA: models load on the CPU there (``loaded``), and a function decorated with :func:`task` moves the
 model it uses to ``cuda`` when it runs inside the GPU worker (:func:`on_device`). Decorated functions take
-and return plain picklable values (paths, strings, lists), never a loaded model, because ZeroGPU runs
-them in a forked worker. Elsewhere :func:`task` returns the function unchanged and ``loaded`` picks the
+and return plain picklable values (paths, strings, decoded images, lists), never a loaded model, because
+ZeroGPU runs them in a forked worker. Elsewhere :func:`task` returns the function unchanged and ``loaded`` picks the
 best device as the model layer does (``MMDEMO_DEVICE`` overrides).
 """
 
@@ -45,7 +45,7 @@ def loaded(task_name: str, checkpoint: str | None) -> Loaded:
     a short while rather than letting every click wait for an unreachable Hub again.
     """
     if ZERO_GPU:
-        return on_device(load(task_name, checkpoint, device="cpu"))
+        return on_device(load(task_name, checkpoint, device="cpu", fast=False))  # int8 layers cannot move to a GPU
     return load(task_name, checkpoint)
 
 

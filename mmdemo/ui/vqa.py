@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import gradio as gr
+from PIL import Image
 
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError
-from mmdemo.media import load_image
+from mmdemo.media import decoded_image
 from mmdemo.models import vqa as vqa_model
 from mmdemo.models.generation import VQA_DEFAULTS, for_adapter
 from mmdemo.ui import gpu
@@ -58,12 +59,12 @@ def _prepare(image, questions, num_beams, max_new_tokens, adapter, owner: str | 
     path = file_path(image)
     if not path:
         raise InputError("Upload an image to ask about.")
-    load_image(path, get_settings().limits)
+    image = decoded_image(path, get_settings().limits)  # decoded once per request (see caption._prepare)
     asked = split_questions(questions)
     adapter_dir = adapter_path(TASK, adapter, owner)
     options = generation_options(num_beams, max_new_tokens, for_adapter(VQA_DEFAULTS, adapter_dir))
     vqa_model.check_questions(gpu.loaded(TASK, checkpoint), asked, options)
-    return path, asked, options, adapter_dir
+    return image, asked, options, adapter_dir
 
 
 def check_request(image, questions, num_beams, max_new_tokens, adapter, browser_id,
@@ -73,7 +74,7 @@ def check_request(image, questions, num_beams, max_new_tokens, adapter, browser_
 
 
 @gpu.task(duration=60)
-def _run(groups: list[tuple[list[tuple[str, str]], tuple[int, int], str | None]],
+def _run(groups: list[tuple[list[tuple[Image.Image, str]], tuple[int, int], str | None]],
          checkpoint: str) -> tuple[list[list[str]], str, str]:
     """The answers per group, where they were computed (in words) and the checkpoint (see caption._run)."""
     model = gpu.loaded(TASK, checkpoint)
@@ -93,9 +94,9 @@ def vqa_batch(images, questions_list, beams_list, max_list, adapters, browser_id
 
     def call(part: dict) -> tuple[dict, str, str]:
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (_path, _asked, opts, adapter) in part.items():
+        for i, (_image, _asked, opts, adapter) in part.items():
             groups[(opts.num_beams, opts.max_new_tokens, adapter)].append(i)
-        # the same path object for every question of a request: answer_pairs encodes that image once
+        # the same decoded image object for every question of a request: answer_pairs encodes that image once
         jobs = [([(part[i][0], q) for i in members for q in part[i][1]], (beams, max_new), adapter)
                 for (beams, max_new, adapter), members in groups.items()]
         results, device, ran_on = _run(jobs, checkpoint)
