@@ -269,3 +269,49 @@ def start_app(home: Path, port: int | None = None, args: tuple[str, ...] = ("--t
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def sensitive(tiny_models, tmp_path_factory) -> dict[str, str]:
+    """The tiny BLIP checkpoints with their matrices redrawn at std 0.1.
+
+    At the tiny models' 0.02 init every image gets nearly the same caption, so agreement would prove
+    little; at 0.1 the outputs depend on the image and the question (tests/test_parity.py asserts it).
+    """
+    import shutil
+
+    import torch
+    from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
+
+    out = {}
+    for task, cls in (("caption", BlipForConditionalGeneration), ("vqa", BlipForQuestionAnswering)):
+        folder = tmp_path_factory.mktemp("sensitive") / task
+        shutil.copytree(tiny_models[task], folder)
+        model = cls.from_pretrained(folder)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.1)
+        model.save_pretrained(folder)
+        out[task] = str(folder)
+    return out
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """A zipped caption dataset of one picture per class."""
+    import shutil
+
+    data = make_shapes_dataset(tmp_path / "data", "caption", per_class=1)
+    return shutil.make_archive(str(tmp_path / "shapes"), "zip", root_dir=data)
+
+
+def run_next_job() -> str:
+    """Run the next queued job to its end in this process, as a worker would; returns its final state."""
+    from mmdemo.jobs.queue import get_queue
+    from mmdemo.jobs.worker import run_job
+
+    job = get_queue().claim(1)
+    assert job is not None
+    return run_job(job.id)

@@ -8,8 +8,6 @@ images in one batch, a caption prefix, a VQA batch of questions, and a peft LoRA
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -23,29 +21,6 @@ from mmdemo.models.registry import ARCHITECTURES
 from mmdemo.models.vqa import answer_pairs
 
 BEAMS = (1, 3, 5)
-
-
-@pytest.fixture(scope="module")
-def sensitive(tiny_models, tmp_path_factory) -> dict[str, str]:
-    """The tiny BLIP checkpoints with matrices redrawn at std 0.1, so that outputs depend on the input.
-
-    (At the tiny models' 0.02 init every image gets nearly the same caption; see tests/test_parity.py.)
-    """
-    from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
-
-    out = {}
-    for task, cls in (("caption", BlipForConditionalGeneration), ("vqa", BlipForQuestionAnswering)):
-        folder = tmp_path_factory.mktemp("beams") / task
-        shutil.copytree(tiny_models[task], folder)
-        model = cls.from_pretrained(folder)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.1)
-        model.save_pretrained(folder)
-        out[task] = str(folder)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import make_shapes_dataset
+from conftest import run_next_job
 from mmdemo import jobs
 from mmdemo.errors import InputError, JobError
 from mmdemo.jobs.evaluate import verdict
 from mmdemo.jobs.queue import get_queue
-from mmdemo.jobs.worker import run_job
 from mmdemo.models.loading import ADAPTER_META
 from mmdemo.ui import common
 from mmdemo.ui import finetune as tab
@@ -30,19 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 shared co
 
 A, B = "browser-aaaa-1111", "browser-bbbb-2222"  # two visitors' browser ids
 EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u2300-\u23FF\uFE0F]")  # boxes without an emoji font
-
-
-@pytest.fixture
-def archive(tmp_path):
-    data = make_shapes_dataset(tmp_path / "data", "caption", per_class=1)
-    return shutil.make_archive(str(tmp_path / "shapes"), "zip", root_dir=data)
-
-
-def _run_next() -> str:
-    """Run the next queued job to its end in this process, as a worker would; returns its final state."""
-    job = get_queue().claim(1)
-    assert job is not None
-    return run_job(job.id)
 
 
 def _text(*values) -> str:
@@ -185,7 +170,7 @@ def test_a_reload_opens_the_running_job_else_the_newest(home, archive, tiny_mode
 def finished(home, archive, tiny_models):
     job_id = tab.submit(archive, "caption", "quick", 1, 1e-3, None, None, None, A, name="shapes-v1",
                         checkpoint=tiny_models["caption"], min_steps=20)
-    assert _run_next() == "succeeded"
+    assert run_next_job() == "succeeded"
     return job_id
 
 
@@ -328,7 +313,7 @@ def test_the_estimate_comes_from_earlier_jobs(finished, archive, tiny_models):
 
 def test_a_failed_job_says_where_and_why(home, archive, tiny_models):
     job_id = tab.submit(archive, "caption", "quick", 1, None, None, None, None, A, checkpoint="/no/such/model")
-    assert _run_next() == "failed"
+    assert run_next_job() == "failed"
     record = tab.job_status(job_id, A)
     d = tab.describe(record)
     assert d["title"].startswith("Failed while ") and d["percent"] is None and d["detail"]

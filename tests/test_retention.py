@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -20,14 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_shapes_dataset
+from conftest import run_next_job
 from mmdemo import jobs
 from mmdemo.config import Settings, get_settings
 from mmdemo.errors import InputError
 from mmdemo.jobs import retention
 from mmdemo.jobs.dispatcher import Dispatcher
 from mmdemo.jobs.queue import STEP_EVENTS, Job, get_queue, is_step_record, thin_losses
-from mmdemo.jobs.worker import run_job
 from mmdemo.ui import common
 from mmdemo.ui import finetune as tab
 
@@ -44,18 +42,6 @@ def systmp(tmp_path, monkeypatch) -> Path:
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
-
-
-@pytest.fixture
-def archive(tmp_path):
-    data = make_shapes_dataset(tmp_path / "data", "caption", per_class=1)
-    return shutil.make_archive(str(tmp_path / "shapes"), "zip", root_dir=data)
-
-
-def _run_next() -> str:
-    job = get_queue().claim(1)
-    assert job is not None
-    return run_job(job.id)
 
 
 def _backdate(job_id: str, days: float) -> None:
@@ -124,9 +110,9 @@ def test_a_finished_job_older_than_the_retention_is_cleaned_and_its_adapter_kept
     owner = f"anon:{A}"
     kw = dict(checkpoint=tiny_models["caption"], min_steps=20)
     old = tab.submit(archive, "caption", "quick", 1, 1e-3, None, None, None, A, name="old-one", **kw)
-    assert _run_next() == "succeeded"
+    assert run_next_job() == "succeeded"
     recent = tab.submit(archive, "caption", "quick", 2, 1e-3, None, None, None, A, name="recent-one", **kw)
-    assert _run_next() == "succeeded"
+    assert run_next_job() == "succeeded"
     queue = get_queue()
     before = tab.panel(old, A)
     lines_before = tab.timeline(jobs.events(old, owner=owner), tab.job_status(old, A))
@@ -318,7 +304,7 @@ def test_a_page_reads_only_the_events_it_has_not_seen(home, archive, tiny_models
 def test_a_timeline_folded_poll_by_poll_reads_as_the_whole(home, archive, tiny_models):
     job_id = tab.submit(archive, "caption", "quick", 1, 1e-3, None, None, None, A,
                         checkpoint=tiny_models["caption"], min_steps=20)
-    assert _run_next() == "succeeded"
+    assert run_next_job() == "succeeded"
     events = jobs.events(job_id, owner=f"anon:{A}")
     record = tab.job_status(job_id, A)
     whole = tab.timeline(events, record)
