@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import make_lora
+from mmdemo.models.kernels import onednn_forward, onednn_linears, onednn_usable
 from mmdemo.models.loading import load
-from mmdemo.models.retrieval import AudioIndex, Clip, Embedder, _onednn_forward, _onednn_usable, onednn_text_linears
+from mmdemo.models.retrieval import AudioIndex, Clip, Embedder
 
 QUERIES = ["a barking dog", "rain on a tin roof", "a high beep", "a siren far away", "wind"]
 
@@ -37,13 +38,13 @@ def _tower_linears(loaded):
             if type(m) is torch.nn.Linear and ".lora_" not in name]
 
 
-@pytest.mark.skipif(not _onednn_usable(), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not onednn_usable(), reason="this torch build has no oneDNN")
 def test_fast_text_tower_matches_plain_get_text_features(tiny_models, one_thread, tmp_path):
     folder = tiny_models["retrieval"]
     emb = Embedder(load("retrieval", folder))
     ours = emb.texts(QUERIES)
     linears = _tower_linears(emb.loaded)
-    assert linears and all(m.forward.__func__ is _onednn_forward for m in linears)  # the fast path was taken
+    assert linears and all(m.forward.__func__ is onednn_forward for m in linears)  # the fast path was taken
     model, tok = _plain(folder)
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((500, ours.shape[1])).astype(np.float32)
@@ -57,11 +58,11 @@ def test_fast_text_tower_matches_plain_get_text_features(tiny_models, one_thread
         assert [h.name for h in index.search_vector(vec, 10)] == [f"c{i}.wav" for i in plain_top]
 
 
-@pytest.mark.skipif(not _onednn_usable(), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not onednn_usable(), reason="this torch build has no oneDNN")
 def test_fast_text_tower_keeps_adapters_and_gradients(tiny_models, one_thread, tmp_path):
     folder = tiny_models["retrieval"]
     loaded = load("retrieval", folder)
-    assert onednn_text_linears(loaded)
+    assert onednn_linears(loaded.model, loaded.arch.onednn_parts)
     adapter = make_lora(folder, "retrieval", tmp_path / "lora", seed=3)
     vec = Embedder(loaded, adapter=adapter).texts(["a barking dog"])[0]
     model, tok = _plain(folder, adapter)

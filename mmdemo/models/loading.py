@@ -313,6 +313,10 @@ def _load_uncached(task: str, checkpoint: str, device: str, dtype: Any, fast: bo
         from mmdemo.models import fast as fast_mode
 
         fast_mode.quantize_model(task, model, arch.lora_targets)
+    if arch.onednn_parts:  # fp32 on the CPU only (it checks); after quantizing, which replaces what it converts
+        from mmdemo.models.kernels import onednn_linears
+
+        onednn_linears(model, arch.onednn_parts)
     return Loaded(task=task, checkpoint=checkpoint, arch=arch, model=model, processor=processor,
                   device=device, dtype=dtype, fast=fast)
 

@@ -71,8 +71,6 @@ class Embedder:
                     memo.move_to_end(("text", adapter, t))
                     found[t] = memo[("text", adapter, t)]
         missing = [t for t in dict.fromkeys(texts) if t not in found]
-        if missing:
-            onednn_text_linears(self.loaded)
         tok = self.loaded.processor.tokenizer
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
@@ -129,46 +127,6 @@ class Embedder:
     def files(self, paths: Sequence[str | Path]) -> np.ndarray:
         limits = get_settings().limits
         return self.waveforms([load_audio(p, self.sample_rate, limits) for p in paths])
-
-
-def _onednn_usable() -> bool:
-    import torch
-
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def onednn_text_linears(loaded: Loaded) -> bool:
-    """Run the text tower's ``Linear`` layers through oneDNN when they infer in fp32 on the CPU; once per model.
-
-    A query is a handful of tokens, so each layer is a skinny matrix product that reads the whole weight;
-    oneDNN does those about 1.4x faster than the default CPU ``addmm`` here, on the same fp32 weights (no
-    copy, results equal to float rounding). Anything else (a GPU, another dtype, training with gradients)
-    takes the plain path, and a LoRA adapter's layers wrap these same modules, so adapters keep working.
-    Returns whether the fast path is in place.
-    """
-    import torch
-
-    model = loaded.model
-    if getattr(model, "_mmdemo_onednn_text", None) is not None:
-        return model._mmdemo_onednn_text
-    usable = _onednn_usable() and loaded.dtype == torch.float32
-    if usable:
-        towers = [getattr(model, name, None) for name in ("text_model", "text_projection")]
-        for tower in filter(None, towers):
-            for module in tower.modules():
-                if type(module) is torch.nn.Linear:  # peft's LoRA layers wrap these, and call them
-                    module.forward = _onednn_forward.__get__(module)
-    model._mmdemo_onednn_text = usable
-    return usable
-
-
-def _onednn_forward(self, x):
-    import torch
-
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-            and self.weight.device.type == "cpu" and not torch.is_grad_enabled()):
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-    return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
