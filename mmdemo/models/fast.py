@@ -1,6 +1,7 @@
 """The opt-in CPU fast mode (``MMDEMO_FAST=1``, ``app.py --fast``): int8 BLIP layers and an exported CLAP audio encoder.
 
-Off by default; off, nothing here runs and every output is exactly plain transformers' in fp32. On, and only
+Off by default; off, nothing here runs: captions and answers have plain transformers' fp32 tokens, embeddings its
+fp32 values to float rounding. On, and only
 on the CPU (a GPU already runs the models in bf16, and int8 kernels here are CPU kernels):
 
 - Captioning and VQA: every ``nn.Linear`` of BLIP (vision encoder, text encoder and decoder, LM head) computes
