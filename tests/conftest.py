@@ -299,6 +299,14 @@ def sensitive(tiny_models, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture
+def onednn_for_tiny(monkeypatch):
+    """The tiny checkpoints' matrices through oneDNN too (the app keeps torch's kernel for such small ones)."""
+    from mmdemo.models import kernels
+
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_WEIGHT", 0)
+
+
+@pytest.fixture
 def archive(tmp_path):
     """A zipped caption dataset of one picture per class."""
     import shutil

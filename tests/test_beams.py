@@ -15,7 +15,7 @@ import torch
 
 from conftest import make_image
 from mmdemo.media import load_image
-from mmdemo.models import beams, kernels
+from mmdemo.models import beams
 from mmdemo.models.caption import caption
 from mmdemo.models.generation import GenerationOptions
 from mmdemo.models.kernels import onednn_forward, onednn_usable
@@ -33,10 +33,7 @@ def images(tmp_path_factory):
     return [load_image(make_image(d / f"{c}-{s}.png", c, s, size=40 + 8 * i)) for i, (c, s) in enumerate(specs)]
 
 
-@pytest.fixture(autouse=True)
-def onednn_for_tiny(monkeypatch):
-    """The tiny checkpoints' matrices through oneDNN too (the app keeps torch's kernel for such small ones)."""
-    monkeypatch.setattr(kernels, "ONEDNN_MIN_WEIGHT", 0)
+pytestmark = pytest.mark.usefixtures("onednn_for_tiny")
 
 
 def _plain(task: str, checkpoint: str, adapter: str | None = None):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import make_lora
-from mmdemo.models import kernels
 from mmdemo.models.kernels import onednn_forward, onednn_linears, onednn_usable
 from mmdemo.models.loading import load
 from mmdemo.models.retrieval import AudioIndex, Clip, Embedder
@@ -16,10 +15,7 @@ from mmdemo.models.retrieval import AudioIndex, Clip, Embedder
 QUERIES = ["a barking dog", "rain on a tin roof", "a high beep", "a siren far away", "wind"]
 
 
-@pytest.fixture(autouse=True)
-def onednn_for_tiny(monkeypatch):
-    """The tiny tower's matrices through oneDNN too (the app keeps torch's kernel for such small ones)."""
-    monkeypatch.setattr(kernels, "ONEDNN_MIN_WEIGHT", 0)
+pytestmark = pytest.mark.usefixtures("onednn_for_tiny")
 
 
 def _plain(folder: str, adapter=None):
