@@ -28,20 +28,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from mmdemo.config import folder_problem, get_settings
 from mmdemo.errors import JobError
-from mmdemo.jobs.queue import Job, SQLiteQueue, _signal, get_queue, pid_alive
+from mmdemo.jobs.queue import Job, JobQueue, _signal, get_queue, pid_alive
 from mmdemo.jobs.retention import CLEAN_SECONDS, clean_expired, clean_leftovers, keep_words
 from mmdemo.jobs.worker import smaller_settings
 
 log = logging.getLogger(__name__)
 
 STALE_SECONDS = 30.0  # a worker that has not heartbeat for this long is gone
-KILL_GRACE_SECONDS = 3.0
+KILL_GRACE_SECONDS = 3.0  # from the SIGTERM of a cancel to the SIGKILL of a worker that has not stopped
 MAX_BACKOFF_SECONDS = 30.0  # between tries while every step fails (a full disk is not fixed in a second)
 KILLED_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)  # Popen's -9, or 137 through a shell
+TERMINATED_CODES = (-signal.SIGTERM, 128 + signal.SIGTERM)  # the worker exits 143 on a SIGTERM that is not a cancel
+WORKER_COMMAND = (sys.executable, "-m", "mmdemo.jobs.worker")  # the job id is added at the end
 
 
 def death_sentences(code: int, job: Job) -> tuple[str, str]:
@@ -54,6 +57,9 @@ def death_sentences(code: int, job: Job) -> tuple[str, str]:
                else "use fewer or smaller examples, or a machine with more memory")
         cause = "The training process was killed, most likely because the machine ran out of memory"
         return cause, f"{cause}, and {tries}; {fix}."
+    if code in TERMINATED_CODES:  # a server shutdown or restart (a cancel never gets here: it wins before)
+        cause = "The training process was stopped from outside, as a server shutdown or restart does"
+        return cause, f"{cause}, and {tries}; submit it again once the server runs without restarting."
     how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit code {code}"
     cause = f"The training process stopped unexpectedly ({how})"
     return cause, f"{cause}, and {tries}; read the job's log for the cause before you submit it again."
@@ -72,12 +78,22 @@ def default_slots() -> int:
 
 
 class Dispatcher:
-    def __init__(self, queue: SQLiteQueue | None = None, slots: int | None = None, poll: float = 0.5,
-                 clean_every: float = CLEAN_SECONDS):
-        self.queue = queue or get_queue()
+    """Runs the jobs of ``queue`` (any :class:`JobQueue` backend) in worker processes.
+
+    ``worker_command`` is the command a worker runs, the job id added at its end (default: ``python -m
+    mmdemo.jobs.worker``; tests give a fake worker); ``kill_grace`` is how long a cancelled worker has from its
+    SIGTERM until the SIGKILL.
+    """
+
+    def __init__(self, queue: JobQueue | None = None, slots: int | None = None, poll: float = 0.5,
+                 clean_every: float = CLEAN_SECONDS, worker_command: Sequence[str] = WORKER_COMMAND,
+                 kill_grace: float = KILL_GRACE_SECONDS):
+        self.queue: JobQueue = queue or get_queue()
         self.slots = slots or default_slots()
         self.poll = poll
         self.clean_every = clean_every
+        self.worker_command = tuple(worker_command)
+        self.kill_grace = kill_grace
         self._next_clean = 0.0  # time.monotonic() of the next clean-up; the first step does one
         self._cleaned_once = False
         self.children: dict[str, subprocess.Popen] = {}
@@ -120,16 +136,26 @@ class Dispatcher:
         self.queue.requeue(job_id, cause, error=error)
 
     def enforce_cancels(self) -> None:
+        """Stop cancelled running jobs: one SIGTERM to the worker's process group when the cancel is first seen
+        (the worker then records "cancelled" itself), SIGKILL once ``kill_grace`` seconds have passed.
+
+        One SIGTERM only: a SIGTERM every poll would interrupt the worker's own clean-up, again and again.
+        """
         now = time.monotonic()
         for job in self.queue.running():
             if not job.cancel_requested or not job.pid:
                 continue
-            first = self.cancel_seen.setdefault(job.id, now)
             if not pid_alive(job.pid):
-                if job.id not in self.children:
+                if job.id not in self.children:  # a worker of an earlier app: nobody reaps it, so say it here
+                    self.cancel_seen.pop(job.id, None)
                     self.queue.finish(job.id, "cancelled")
                 continue
-            _signal(job.pid, 15 if now - first < KILL_GRACE_SECONDS else 9)
+            first = self.cancel_seen.get(job.id)
+            if first is None:
+                self.cancel_seen[job.id] = now
+                _signal(job.pid, signal.SIGTERM)  # cancel() sent one too, if it could: a backend may run elsewhere
+            elif now - first >= self.kill_grace:
+                _signal(job.pid, signal.SIGKILL)
 
     def start_jobs(self) -> None:
         while (job := self.queue.claim(self.slots)) is not None:
@@ -154,7 +180,7 @@ class Dispatcher:
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         with (run_dir / "log.txt").open("ab") as log_file:
-            return subprocess.Popen([sys.executable, "-m", "mmdemo.jobs.worker", job.id], stdout=log_file,
+            return subprocess.Popen([*self.worker_command, job.id], stdout=log_file,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True, cwd=root)
 

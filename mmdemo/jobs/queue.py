@@ -121,26 +121,122 @@ class Job:
 
 
 class JobQueue(Protocol):
-    """What the UI, the CLI and the dispatcher need from a queue backend."""
+    """What the UI, the CLI, the dispatcher, the worker and the clean-ups need from a queue backend.
 
-    def add(self, job: Job, limit: int | None = None) -> Job: ...
-    def list(self, owner: str | None = None) -> list[Job]: ...
-    def get(self, job_id: str, owner: str | None = None) -> Job: ...
-    def cancel(self, job_id: str, owner: str | None = None) -> Job: ...
-    def events(self, job_id: str, since: int = 0) -> list[dict]: ...
-    def log_tail(self, job_id: str, lines: int = 40) -> str: ...
-    # dispatcher / worker side
-    def claim(self, slots: int) -> Job | None: ...
-    def set_pid(self, job_id: str, pid: int) -> None: ...
-    def heartbeat(self, job_id: str) -> None: ...
-    def progress(self, job_id: str, record: dict) -> None: ...
-    def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None: ...
-    def requeue(self, job_id: str, cause: str, error: str | None = None) -> None: ...
-    def release(self, job_id: str) -> None: ...
-    def run_dir(self, job_id: str) -> Path: ...
-    # retention (mmdemo.jobs.retention)
-    def expired(self, before: float) -> list[str]: ...
-    def clean(self, job_id: str) -> bool: ...
+    Every member here is used outside :class:`SQLiteQueue` (tests/test_dispatcher.py checks that the SQLite queue
+    has each one with a compatible signature); a new backend implements all of them. ``owner`` arguments are a
+    user's name: ``None`` means any owner and is for the server's own code, never for a web user's request.
+    Each method that decides something (``add``, ``claim``, ``requeue``, ``finish``) checks and writes in one
+    transaction, so of two processes (the app, the dispatcher, a worker) only one can win.
+    """
+
+    @property
+    def home(self) -> Path:
+        """``MMDEMO_HOME``: run folders and adapters live under it; the dispatcher gives it to the workers."""
+        ...
+
+    @property
+    def path(self) -> Path | str:
+        """Where the queue is stored (a database file, a server URL without secrets): one dispatcher per value."""
+        ...
+
+    # user side (mmdemo.jobs: the Fine-tune tab, the API, the CLI)
+    def add(self, job: Job, limit: int | None = None) -> Job:
+        """Queue ``job`` and return it as stored; raise ``JobError``/``InputError`` for a duplicate, an adapter
+        name in use or more than ``limit`` active jobs of the owner, checked in the insert's transaction."""
+        ...
+
+    def find_duplicate(self, job: Job) -> Job | None:
+        """The owner's queued or running job with ``job``'s data, task, model and settings (an early, advisory
+        check before a dataset is copied; ``add`` checks again)."""
+        ...
+
+    def list(self, owner: str | None = None) -> list[Job]:
+        """The owner's jobs (all jobs when ``None``), newest first; queued ones carry their ``position``."""
+        ...
+
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job, or ``JobError`` with one sentence when it does not exist or is not ``owner``'s."""
+        ...
+
+    def cancel(self, job_id: str, owner: str | None = None) -> Job:
+        """A queued job becomes cancelled at once; a running one gets ``cancel_requested``, and the dispatcher
+        stops its worker (SQLite also signals it at once, on this machine). ``JobError`` for a finished job.
+        Returns the job after the change."""
+        ...
+
+    def events(self, job_id: str, since: int = 0) -> list[dict]:
+        """Progress records after sequence number ``since``, oldest first, each with ``seq`` and ``time``."""
+        ...
+
+    def log_tail(self, job_id: str, lines: int = 40) -> str:
+        """The last ``lines`` lines of the worker's log ("" when there is none)."""
+        ...
+
+    def labels(self, owner: str) -> dict[str, str]:
+        """Adapter names (label -> job id) the owner's queued or running jobs will make, cancels excluded."""
+        ...
+
+    def set_label(self, job_id: str, label: str) -> None:
+        """Rename the adapter a job made or will make (the adapters module checks the name first)."""
+        ...
+
+    def run_dir(self, job_id: str) -> Path:
+        """The job's run folder (dataset copy, checkpoints, ``log.txt``); a path only, nothing is created."""
+        ...
+
+    # dispatcher side (mmdemo.jobs.dispatcher: one per queue)
+    def claim(self, slots: int) -> Job | None:
+        """Atomically move the oldest queued job to running, counting an attempt, if fewer than ``slots`` run;
+        ``None`` otherwise. Only the dispatcher calls it."""
+        ...
+
+    def release(self, job_id: str) -> None:
+        """Undo a claim whose worker never started (no pid yet): queued again, the attempt not counted."""
+        ...
+
+    def running(self) -> list[Job]:
+        """Every running job, of any owner and any dispatcher (the dispatcher's recovery and cancel checks)."""
+        ...
+
+    def requeue(self, job_id: str, cause: str, error: str | None = None) -> None:
+        """For a running job whose worker died without an outcome, in one transaction: cancelled if a cancel was
+        asked, failed with ``error`` once ``MAX_ATTEMPTS`` are used, else queued again with a note built from
+        ``cause``. Does nothing to a job that is not running."""
+        ...
+
+    # worker side (mmdemo.jobs.worker), and the dispatcher for a worker that died
+    def set_pid(self, job_id: str, pid: int) -> None:
+        """Record the worker's process id (its process group) and count it as a heartbeat."""
+        ...
+
+    def heartbeat(self, job_id: str) -> None:
+        """Say the running job's worker is alive (every few seconds); no effect on a job that is not running."""
+        ...
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether the job's owner asked to cancel it (the worker polls it between training steps)."""
+        ...
+
+    def progress(self, job_id: str, record: dict) -> None:
+        """Append a progress record (phase, step, total, loss, eta, message) and keep the latest on the job."""
+        ...
+
+    def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None:
+        """Record the outcome (a state in ``FINAL``; ``error`` is the sentence users read) of a queued or running
+        job and its progress record, in one transaction; a job already finished keeps its first outcome and gets
+        no second record."""
+        ...
+
+    # retention (mmdemo.jobs.retention, from the dispatcher)
+    def expired(self, before: float) -> list[str]:
+        """Ids of finished jobs that ended before ``before`` and are not cleaned yet."""
+        ...
+
+    def clean(self, job_id: str) -> bool:
+        """Delete a finished job's run folder and thin its step records; False (nothing done) when it is not
+        finished or the folder could not be deleted."""
+        ...
 
 
 class SQLiteQueue:
@@ -320,8 +416,10 @@ class SQLiteQueue:
             db.execute("UPDATE jobs SET cancel_requested=1 WHERE id=? AND state='running'", (job.id,))
         job = self.get(job.id)
         if job.state == "cancelled":
-            self.progress(job.id, {"phase": "cancelled", "message": "Cancelled while waiting in the queue; it never "
-                                                                    "started."}, update_job=False)
+            # a job interrupted and waiting for its next attempt did start: do not tell its owner it never did
+            message = ("Cancelled while waiting in the queue to be tried again after an interruption." if job.attempts
+                       else "Cancelled while waiting in the queue; it never started.")
+            self.progress(job.id, {"phase": "cancelled", "message": message}, update_job=False)
         else:
             self.progress(job.id, {"phase": "cancelling", "message": "You asked to cancel; the training is being "
                                                                      "stopped."}, update_job=False)
@@ -401,6 +499,10 @@ class SQLiteQueue:
                            (record.get("phase"), record.get("step"), record.get("total"), record.get("loss"),
                             record.get("eta"), now, job_id))
 
+    def _record(self, db: sqlite3.Connection, job_id: str, record: dict) -> None:
+        """Store a progress record inside the caller's transaction."""
+        db.execute("INSERT INTO events (job_id, time, record) VALUES (?, ?, ?)", (job_id, time.time(), json.dumps(record)))
+
     def _last_is_step(self, db: sqlite3.Connection, job_id: str) -> bool:
         row = db.execute("SELECT record FROM events WHERE job_id=? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
         return row is not None and is_step_record(json.loads(row["record"]))
@@ -428,15 +530,19 @@ class SQLiteQueue:
         done, planned = training.get("steps_done"), training.get("steps")
         if result is not None and isinstance(result.get("losses"), list):
             result = {**result, "losses": thin_losses(result["losses"], planned or 0)}
+        message = {"succeeded": "Finished.", "cancelled": "Cancelled.", "failed": error or "Failed."}[state]
+        # the outcome and its record in one transaction: a worker killed (a cancel's SIGKILL) while it records its
+        # outcome leaves both or neither, and of two processes recording one outcome only the first writes it
         with self._db(write=True) as db:
             self._flush_step(db, job_id)  # before the row says "finished"
-            db.execute("UPDATE jobs SET state=?, finished=?, result=COALESCE(?, result), error=?, pid=NULL, eta=NULL, "
-                       "phase=CASE WHEN ?='succeeded' THEN 'finished' ELSE phase END, step=COALESCE(?, step), "
-                       "total=COALESCE(?, total) WHERE id=? AND state IN ('running', 'queued')",
-                       (state, time.time(), json.dumps(result) if result is not None else None, error, state,
-                        done, planned, job_id))
-        message = {"succeeded": "Finished.", "cancelled": "Cancelled.", "failed": error or "Failed."}[state]
-        self.progress(job_id, {"phase": state, "message": message}, update_job=False)
+            changed = db.execute(
+                "UPDATE jobs SET state=?, finished=?, result=COALESCE(?, result), error=?, pid=NULL, eta=NULL, "
+                "phase=CASE WHEN ?='succeeded' THEN 'finished' ELSE phase END, step=COALESCE(?, step), "
+                "total=COALESCE(?, total) WHERE id=? AND state IN ('running', 'queued')",
+                (state, time.time(), json.dumps(result) if result is not None else None, error, state, done, planned,
+                 job_id)).rowcount
+            if changed:
+                self._record(db, job_id, {"phase": state, "message": message})
 
     def requeue(self, job_id: str, cause: str, error: str | None = None) -> None:
         """Put an interrupted running job back at the head of the queue (it keeps its creation time).
@@ -468,7 +574,8 @@ class SQLiteQueue:
                 note = (f"{cause.rstrip('.')}; it goes back to the queue for attempt {attempts + 1} of {MAX_ATTEMPTS}, "
                         f"{resume}.")
                 db.execute("UPDATE jobs SET state='queued', pid=NULL, eta=NULL, note=? WHERE id=?", (note, job_id))
-        self.progress(job_id, {"phase": phase, "message": note}, update_job=False)
+            self._flush_step(db, job_id)
+            self._record(db, job_id, {"phase": phase, "message": note})  # with the change it tells of
 
     def release(self, job_id: str) -> None:
         """Undo a claim whose worker could not even be started: back to queued, the attempt not counted."""

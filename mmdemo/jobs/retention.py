@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdemo.jobs.adapters import list_adapters, stale_downloads
-from mmdemo.jobs.queue import FINAL, SQLiteQueue, clean_owner, get_queue, pid_alive
+from mmdemo.jobs.queue import FINAL, JobQueue, clean_owner, get_queue, pid_alive
 from mmdemo.models.loading import ADAPTER_META
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def keep_words(days: float) -> str:
     return f"{minutes} {'minute' if minutes == 1 else 'minutes'}"
 
 
-def disk_usage(owner: str, queue: SQLiteQueue | None = None) -> dict[str, int]:
+def disk_usage(owner: str, queue: JobQueue | None = None) -> dict[str, int]:
     """Bytes of ``owner``'s jobs (their run folders) and of the adapters they made, and the ``total``.
 
     Only the owner's own: another user's jobs and adapters, and published or ownerless adapters made by
@@ -138,7 +138,7 @@ def disk_usage(owner: str, queue: SQLiteQueue | None = None) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------------- clean-ups
-def clean_expired(queue: SQLiteQueue, keep_seconds: float | None, now: float | None = None) -> Cleaned:
+def clean_expired(queue: JobQueue, keep_seconds: float | None, now: float | None = None) -> Cleaned:
     """Clean every finished job that ended more than ``keep_seconds`` ago (``None``: keep them forever)."""
     done = Cleaned()
     if keep_seconds is None:
@@ -192,7 +192,7 @@ def _children(folder: Path) -> list[Path]:
         return []
 
 
-def clean_leftovers(queue: SQLiteQueue, now: float | None = None, min_age: float = LEFTOVER_SECONDS) -> Cleaned:
+def clean_leftovers(queue: JobQueue, now: float | None = None, min_age: float = LEFTOVER_SECONDS) -> Cleaned:
     """Delete the half-written files interrupted processes left under the queue's ``MMDEMO_HOME`` (see the module
     docstring for the list); what a live process may still be writing stays."""
     now = now or time.time()

@@ -4,7 +4,9 @@ The worker runs :func:`mmdemo.jobs.train.finetune` (the same function as the CLI
 to the queue, heartbeats every few seconds and records the outcome itself. A crash, an out-of-memory kill or
 a cancel never reaches the app process. Failures become causes with a fix that fits the job (out of GPU
 memory -> a smaller batch, or the Quick preset unless the job already uses it; bad data -> which file; a full
-data folder -> free some space); the traceback goes to the job's log only.
+data folder -> free some space); the traceback goes to the job's log only. A SIGTERM is a cancel when one was
+asked for (recorded as cancelled), else a server shutdown: the worker then exits 143 with no outcome, and the
+dispatcher puts the job back in the queue to resume from its checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ from mmdemo.config import folder_problem, get_settings
 from mmdemo.errors import MMDemoError
 
 HEARTBEAT_SECONDS = 2.0
+
+
+class Terminated(SystemExit):
+    """Raised in the worker by a SIGTERM: a cancel (the job is then recorded as cancelled) or a server shutdown
+    (no outcome is recorded, so the dispatcher puts the job back in the queue)."""
+
+
+def on_sigterm(signum, frame) -> None:
+    """The worker's SIGTERM handler: stop through normal interpreter shutdown, so ``finally`` blocks run, and
+    ignore any further SIGTERM, which would interrupt that clean-up."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated(128 + signal.SIGTERM)
 
 
 def smaller_settings(preset: str | None = None, batch_size: int | None = None) -> str | None:
@@ -97,8 +111,16 @@ def run_job(job_id: str, home: str | None = None) -> str:
     except JobCancelled:
         queue.finish(job_id, "cancelled")
         return "cancelled"
+    except Terminated:
+        if queue.cancel_requested(job_id):
+            queue.finish(job_id, "cancelled")
+            return "cancelled"
+        # stopped from outside (a server shutdown or restart), not a failure of the job: no outcome, so the
+        # dispatcher requeues it to resume from its checkpoint
+        print("Stopped by SIGTERM without a cancel; the job goes back to the queue.", flush=True)
+        raise
     except BaseException as err:  # noqa: BLE001 - every failure must reach the job record as a sentence
-        if queue.cancel_requested(job_id):  # SIGTERM from a cancel lands here as SystemExit
+        if queue.cancel_requested(job_id):  # a cancel seen by training as another error
             queue.finish(job_id, "cancelled")
             return "cancelled"
         traceback.print_exc()
@@ -117,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.pop("HF_TOKEN", None)  # training needs no token; keep it out of this process and its logs
     # SIGTERM (cancel) ends the process through normal interpreter shutdown: finally blocks run.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, on_sigterm)
     import warnings
 
     warnings.filterwarnings("ignore")
