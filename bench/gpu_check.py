@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny = write_tiny_models(cache_dir() / "tiny")
     sets = {"tiny": {task: str(tiny[name]) for task, name in TINY_FOR_TASK.items()}}
     if not args.tiny:
-        sets["full"] = {task: str(build_checkpoint(task, cache_dir() / f"full-{task}")) for task in TINY_FOR_TASK}
+        sets["full"] = {task: str(build_checkpoint(task, cache_dir() / f"full-{task}"))  # the tasks checked below
+                        for task in ("caption", "vqa", "retrieval")}
     images = sorted((ROOT / "assets" / "images").glob("*.png"))[:3]
     sounds = sorted((ROOT / "assets" / "sounds").glob("*.wav"))
     for size, checkpoints in sets.items():

@@ -74,7 +74,7 @@ def cmd_caption(args) -> int:
     for start in range(0, len(images), args.batch_size):
         chunk = images[start:start + args.batch_size]
         texts = caption(chunk, prompt=args.prompt, options=options, adapter=args.adapter, model=loaded,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, detail=args.detail)
         for path, text in zip(args.images[start:start + args.batch_size], texts):
             _emit({"image": path, "caption": text})
         bar.update(len(chunk))
@@ -157,6 +157,40 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_library(args) -> int:
+    """The app's shared audio library (under MMDEMO_HOME), through the same service as the Audio search tab."""
+    from mmdemo.models import audio_library as lib
+    from mmdemo.models.loading import load
+    from mmdemo.models.retrieval import embed_query_audio, rank_labels
+
+    loaded = load("retrieval", args.model, device=args.device)
+    if args.action == "add":
+        added = lib.add_uploads(args.files, loaded)
+        for why in added.problems:
+            _emit({"status": "failed", "reason": why})
+        _emit({"added": added.added, "duplicates": added.duplicates, "failed": len(added.problems),
+               "total": added.total})
+        return 2 if args.strict and added.problems else 0
+    if args.action == "list":
+        for name, seconds in lib.library_rows(loaded.checkpoint):
+            _emit({"clip": name, "seconds": seconds})
+        return 0
+    k = lib.check_top_k(args.top_k)
+    if args.text is not None:
+        index, emb = lib.library(loaded, args.adapter)
+        for hit in index.search_text(lib.check_query(args.text, loaded), emb, k):
+            _emit(hit.record())
+        return 0
+    labels = lib.split_labels(args.labels, loaded) if args.labels else []
+    index, emb = lib.library(loaded, args.adapter)
+    query = embed_query_audio(emb, path=args.audio)
+    for hit in rank_labels(query, labels, emb, k) if labels else []:
+        _emit(hit.record())
+    for hit in index.search_vector(query, k):
+        _emit(hit.record())
+    return 0
+
+
 def cmd_tiny_models(args) -> int:
     from mmdemo.models.tiny import write_tiny_models
 
@@ -170,11 +204,15 @@ def cmd_download(args) -> int:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     from mmdemo.errors import ModelLoadError
-    from mmdemo.models.loading import resolve_checkpoint
+    from mmdemo.models.loading import more_checkpoints, resolve_checkpoint
     from mmdemo.models.registry import TASKS
 
-    for task in args.task or list(TASKS):
-        checkpoint = resolve_checkpoint(task, None)
+    done: set[str] = set()  # a checkpoint two tabs offer (SmolVLM) is fetched once
+    for task, checkpoint in [(t, checkpoint) for t in args.task or list(TASKS)
+                             for checkpoint in (resolve_checkpoint(t, None), *more_checkpoints(t))]:
+        if checkpoint in done:
+            continue
+        done.add(checkpoint)
         if Path(checkpoint).is_dir():
             _emit({"task": task, "checkpoint": checkpoint, "path": checkpoint, "status": "local"})
             continue
@@ -215,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--prompt", help="text the caption starts with, e.g. 'a picture of'")
     p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--detail", choices=["short", "detailed", "paragraph"], default="short",
+                   help="caption length, for models that write longer captions on request (Florence-2)")
     model_flags(p, "caption")
     gen_flags(p)
     p.set_defaults(func=cmd_caption)
@@ -250,12 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_finetune_parser(sub)
 
+    p = sub.add_parser("library", help="the app's shared audio library under MMDEMO_HOME (the Audio search tab's)")
+    lib_sub = p.add_subparsers(dest="action", required=True)
+    q = lib_sub.add_parser("add", help="add audio files or zips of them")
+    q.add_argument("files", nargs="+", metavar="FILE_OR_ZIP")
+    q.add_argument("--strict", action="store_true", help="exit 2 if any file could not be added")
+    q = lib_sub.add_parser("list", help="the clips in the library, newest first")
+    q = lib_sub.add_parser("search", help="rank the library's clips by a text, or by a sound (and labels)")
+    how = q.add_mutually_exclusive_group(required=True)
+    how.add_argument("--text")
+    how.add_argument("--audio", metavar="FILE")
+    q.add_argument("--labels", help="comma-separated candidate texts to rank for an --audio query")
+    q.add_argument("--top-k", type=_positive, default=5)
+    for q in lib_sub.choices.values():
+        model_flags(q, "retrieval")
+    p.set_defaults(func=cmd_library)
+
     p = sub.add_parser("tiny-models", help="write tiny random-weight checkpoints for tests and demos")
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(func=cmd_tiny_models)
 
-    p = sub.add_parser("download", help="fetch the default checkpoints into the Hugging Face cache")
-    p.add_argument("--task", action="append", choices=["caption", "vqa", "retrieval"])
+    from mmdemo.models.registry import TASKS  # light: dataclasses only
+
+    p = sub.add_parser("download", help="fetch the default checkpoints (and the tabs' other base models) into the "
+                                        "Hugging Face cache")
+    p.add_argument("--task", action="append", choices=list(TASKS))
     p.set_defaults(func=cmd_download)
     return parser
 

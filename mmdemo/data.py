@@ -2,7 +2,7 @@
 
 Layout (Hugging Face ImageFolder/AudioFolder)::
 
-    metadata.csv | metadata.jsonl     file_name,text              (caption; audio retrieval)
+    metadata.csv | metadata.jsonl     file_name,text              (caption; audio retrieval; image search)
                                       file_name,question,answer   (VQA; several rows per image allowed)
     <media files, in any sub-folders, named by file_name relative to the metadata file>
     optional train/ and test/ folders, each with its own metadata file
@@ -37,7 +37,7 @@ SPLIT_SEED = 1234
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 IGNORED_SUFFIXES = {".csv", ".jsonl", ".json", ".txt", ".md"}
 
-COLUMNS = {"caption": ("text",), "vqa": ("question", "answer"), "retrieval": ("text",)}
+COLUMNS = {"caption": ("text",), "vqa": ("question", "answer"), "retrieval": ("text",), "image_search": ("text",)}
 
 
 @dataclass(frozen=True)
@@ -395,7 +395,8 @@ metadata.csv, to choose which examples are held out to measure the result.
 
 
 def write_example_dataset(task: str, folder: str | Path) -> Path:
-    """A small valid dataset for ``task`` in ``folder``: coloured shapes (caption, VQA) or synthetic sounds.
+    """A small valid dataset for ``task`` in ``folder``: coloured shapes (caption, VQA, image search) or synthetic
+    sounds.
 
     Small on purpose (24 images of 64x64 pixels, or 18 half-second clips): it shows the layout and trains in
     seconds; it is not meant to teach a model anything useful.
@@ -406,12 +407,12 @@ def write_example_dataset(task: str, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    if task in ("caption", "vqa"):
+    if task in ("caption", "vqa", "image_search"):
         from PIL import Image, ImageDraw
 
         for color in EXAMPLE_COLORS:
             for shape in EXAMPLE_SHAPES:
-                for k, (size, offset) in enumerate(((40, 8), (28, 20)) if task == "caption" else ((40, 8),)):
+                for k, (size, offset) in enumerate(((40, 8), (28, 20)) if task != "vqa" else ((40, 8),)):
                     name = f"{color}_{shape}_{k}.png"
                     img = Image.new("RGB", (64, 64), "white")
                     draw = ImageDraw.Draw(img)

@@ -367,3 +367,31 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def store_copy(src: Path, target: Path, name: str) -> Path:
+    """Copy an upload to ``target`` in a library folder (Gradio's upload folder is temporary), once: a ``target``
+    already there is kept. ``target``'s folder is named by the content hash, so the same content is stored once.
+
+    Written to a hidden temporary name and renamed, so a full disk or a crash never leaves a partial file that a
+    later upload of the same content would take for complete. A failure is one sentence naming the file ``name``.
+    """
+    import contextlib
+    import errno
+    import shutil
+
+    if target.exists():
+        return target
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, tmp)
+        tmp.replace(target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            target.parent.rmdir()  # only if empty: another file of the same content may live there
+        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or type(err).__name__).lower()
+        raise InputError(f"{name} could not be stored in the library ({why}); free some space or ask the app's "
+                         f"owner to, then add it again.") from None
+    return target

@@ -45,9 +45,13 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dir) -> dict[str, str]:
-    """task -> tiny checkpoint folder."""
-    from mmdemo.models.tiny import TINY_FOR_TASK
+    """task -> tiny checkpoint folder. The tabs' other base models are the other tiny families, as under
+    ``python app.py --tiny-models`` (``MMDEMO_<TASK>_MORE_MODELS``, set for the session)."""
+    from mmdemo.models.registry import TASKS
+    from mmdemo.models.tiny import TINY_FOR_TASK, tiny_more_for_task
 
+    for task, names in tiny_more_for_task().items():
+        os.environ[TASKS[task].more_env_var] = ",".join(str(tiny_dir / name) for name in names)
     return {task: str(tiny_dir / name) for task, name in TINY_FOR_TASK.items()}
 
 

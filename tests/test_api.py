@@ -13,8 +13,8 @@ from conftest import ROOT, make_image, make_shapes_dataset, serve_app
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-API_NAMES = {"caption", "vqa", "search_audio", "classify_audio", "similar_audio", "finetune_submit", "job_status",
-             "job_cancel"}
+API_NAMES = {"caption", "vqa", "search_audio", "classify_audio", "similar_audio", "search_images", "classify_image",
+             "similar_images", "finetune_submit", "job_status", "job_cancel"}
 ALICE, BOB = "alice-browser-0001", "bob-browser-0002"  # two visitors' browser ids
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT, make_image, make_lora
 from mmdemo.errors import InputError
 from mmdemo.media import DECODED, decoded_image
 from mmdemo.models import loading
-from mmdemo.ui import audio, caption, vqa
+from mmdemo.ui import audio, caption, images, vqa
 
 
 @pytest.fixture
@@ -100,6 +100,7 @@ def test_every_model_is_read_from_disk_once(tiny_models, home, tmp_path, monkeyp
         lambda: vqa.vqa_batch([image], ["what?"], [1], [5], ["base"], checkpoint=tiny_models["vqa"]),
         lambda: audio.search_audio("a beep", 3, "base", None, checkpoint=tiny_models["retrieval"]),
         lambda: audio.classify_audio(clip, "beep, rain", 2, "base", None, checkpoint=tiny_models["retrieval"]),
+        lambda: images.search_images("a dog", 3, "base", None, checkpoint=tiny_models["image_search"]),
     ]
     errors = []
 
@@ -116,5 +117,5 @@ def test_every_model_is_read_from_disk_once(tiny_models, home, tmp_path, monkeyp
     for t in [*threads, warm]:
         t.join()
     assert not errors
-    assert reads == Counter({str(tiny_models[t]): 1 for t in ("caption", "vqa", "retrieval")})
-    assert len(loading.loaded_models()) == 3
+    assert reads == Counter({str(tiny_models[t]): 1 for t in tiny_models})
+    assert len(loading.loaded_models()) == len(tiny_models)

@@ -129,6 +129,24 @@ def test_caption_tab(page):
     _shot(page, "caption")
 
 
+def test_caption_tab_with_another_base_model(page):
+    """The Model list offers Florence-2 (short and detailed) and SmolVLM beside BLIP; the caption and its small
+    print come from the chosen one."""
+    _open_tab(page, "Caption")
+    page.locator("#caption-files input[type=file]").set_input_files(str(ASSETS / "images" / "red_circle.png"))
+    page.locator("#caption-adapter input").click()
+    page.get_by_role("option", name="florence2 (detailed)", exact=True).click()
+    page.locator("#caption-run").click()
+    expect(page.locator("#caption-info")).to_contain_text("· model florence2 · no adapter ·")
+    out = page.locator("#caption-output")
+    expect(out).to_contain_text("red_circle.png")
+    _assert_filled(out, ["Captions", "image", "caption", "red_circle.png"])
+    _shot(page, "caption_models")
+    page.locator("#caption-adapter input").click()
+    page.get_by_role("option", name="base", exact=True).click()
+    page.locator("#caption-files button[aria-label='Clear']").first.click()  # the next test starts with no files
+
+
 def test_vqa_tab(page):
     _open_tab(page, "Visual QA")
     _assert_headers(page.locator("#vqa-output"), ["question", "answer"])
@@ -291,6 +309,40 @@ def test_vqa_errors_are_shown(page, tmp_path):
     page.locator("#vqa-run").click()
     _see(page, "A question is 82 tokens long")
     _close_toasts(page)
+
+
+def test_compare_tab(page):
+    """One image through every model the visitor may use: the base row has an output and a time; a request
+    without a question shows the Visual QA tab's sentence; with one, the base row has its answer."""
+    _open_tab(page, "Compare")
+    out = page.locator("#compare-output")
+    _assert_headers(out, ["model", "output", "time"])
+    page.locator("#compare-image input[type=file]").set_input_files(str(ASSETS / "images" / "red_circle.png"))
+    page.locator("#compare-run").click()
+    base_row = re.compile(r"^base\n(.+)\n(\d+(\.\d+)? m?s)$", re.MULTILINE)  # model, output, time: one cell a line
+    expect(out).to_contain_text(base_row, use_inner_text=True)
+    expect(out).not_to_contain_text("processing")
+    rows = out.inner_text()
+    base = base_row.search(rows)
+    assert base and any(ch.isalnum() for ch in base.group(1)), rows
+    expect(page.locator("#compare-info")).to_contain_text(re.compile(r"Ran on CPU \(float32\) · "
+                                                                     r"\d+ models? compared · took"))
+    # the Caption tab's other base models have their rows too (--tiny-models: the tiny Florence-2 and SmolVLM)
+    for name in ("florence2", "florence2 (detailed)", "smolvlm"):
+        assert re.search(rf"^{re.escape(name)}\n.+\n\d+(\.\d+)? m?s$", rows, re.MULTILINE), rows
+    assert str(ROOT) not in page.locator("#compare-info").inner_text()
+    _shot(page, "compare")
+
+    page.locator("#compare-task").get_by_text("Visual QA", exact=True).click()
+    question = page.locator("#compare-question textarea, #compare-question input").first
+    expect(question).to_be_visible()
+    page.locator("#compare-run").click()  # no question yet
+    _see(page, "Ask at least one question about the image.")
+    _close_toasts(page)
+    question.fill("what color is the circle?")
+    page.locator("#compare-run").click()
+    expect(out).not_to_contain_text("processing")
+    expect(out).to_contain_text(base_row, use_inner_text=True)
 
 
 def test_audio_errors_are_shown_and_keep_the_results(page):

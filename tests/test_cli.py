@@ -165,8 +165,36 @@ def test_tiny_models_command(tmp_path):
     proc = run_cli("tiny-models", str(tmp_path / "tiny"))
     assert proc.returncode == 0, proc.stderr
     names = {r["name"] for r in records(proc)}
-    assert names == {"blip-caption", "blip-vqa", "clap"}
+    assert {"blip-caption", "blip-vqa", "clap", "siglip"} <= names
     for name in names:
         files = {p.name for p in (tmp_path / "tiny" / name).iterdir()}
-        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        tokenizer = "spiece.model" if name == "siglip" else "tokenizer.json"  # SigLIP's is SentencePiece, as on the Hub
+        assert {"config.json", "model.safetensors", tokenizer, "tokenizer_config.json",
                 "processor_config.json"} <= files
+
+
+def test_the_library_command_and_the_audio_tab_share_one_library(tiny_models, home, tmp_path):
+    """``python -m mmdemo library`` adds to, lists and searches the app's own library (MMDEMO_HOME), through the
+    same service as the Audio search tab: a clip added by the CLI is in the tab's list and found by its search."""
+    from mmdemo.ui import audio
+
+    ck = tiny_models["retrieval"]
+    tone = make_tone(tmp_path / "cli-tone.wav", 880.0)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a sound")
+    proc = run_cli("library", "add", str(tone), str(notes), "--model", ck, "--strict")
+    assert proc.returncode == 2, proc.stderr  # --strict: a file could not be added
+    out = records(proc)
+    assert out[0] == {"status": "failed",
+                      "reason": "notes.txt is not an audio file (WAV, FLAC, OGG or MP3) or a zip, so it was skipped."}
+    assert out[-1]["added"] == 1 and out[-1]["total"] == len(audio.bundled_clips()) + 1
+
+    assert audio.library_rows(ck)[0][0] == "cli-tone.wav"  # the tab's list, newest first
+    rows, _plot, _paths, _info = audio.search_audio("a high beep", 20, "base", None, checkpoint=ck)
+    assert "cli-tone.wav" in [r[1] for r in rows]
+    proc = run_cli("library", "list", "--model", ck)
+    assert records(proc)[0] == {"clip": "cli-tone.wav", "seconds": 1.0}
+    proc = run_cli("library", "search", "--text", "a high beep", "--top-k", "20", "--model", ck)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["path"].rsplit("/", 1)[-1] for r in records(proc)] == [r[1] for r in rows]  # the tab's ranking
+    assert_one_sentence(run_cli("library", "search", "--text", "  ", "--model", ck), "Type some text to search for")

@@ -22,10 +22,14 @@ import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError, JobError
 from mmdemo.models.loading import ADAPTER_META
+
+if TYPE_CHECKING:
+    from mmdemo.jobs.queue import JobQueue
 
 _META_CACHE: dict[str, tuple[tuple, dict]] = {}  # folder -> (file identity, meta): listing reads no JSON twice
 _CACHE_LOCK = threading.Lock()
@@ -106,7 +110,7 @@ def list_adapters(task: str | None = None, owner: str | None = None) -> list[dic
 
 MAX_NAME = 120
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}")
-FOLDER_NAME = re.compile(r"(caption|vqa|retrieval)-\d{8}-\d{6}-[0-9a-f]{12}")  # the folders jobs make
+FOLDER_NAME = re.compile(r"[a-z_]+-\d{8}-\d{6}-[0-9a-f]{12}")  # the folders jobs make
 
 
 def resolve_adapter(name: str, owner: str | None, task: str | None = None) -> Path:
@@ -134,7 +138,7 @@ def resolve_adapter(name: str, owner: str | None, task: str | None = None) -> Pa
     return folder
 
 
-def check_name(name: str | None, owner: str | None, queue=None, keep: Path | None = None) -> str:
+def check_name(name: str | None, owner: str | None, queue: JobQueue | None = None, keep: Path | None = None) -> str:
     """``name`` stripped, if it can name a new adapter of ``owner``; else ``InputError`` with what to do.
 
     A name is 1 to 60 letters, digits, ``-``, ``_`` or ``.``, starts with a letter or digit, is not ``base``
@@ -161,7 +165,7 @@ def check_name(name: str | None, owner: str | None, queue=None, keep: Path | Non
     return name
 
 
-def default_name(hint: str, task: str, owner: str | None, queue=None) -> str:
+def default_name(hint: str, task: str, owner: str | None, queue: JobQueue | None = None) -> str:
     """A readable name that is free for ``owner``: from ``hint`` (the dataset's file name) and the task."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(hint or "").stem).strip("-._")[:40]
     base = f"{stem}-{task}" if stem and task not in stem else (stem or f"my-{task}")
@@ -191,7 +195,7 @@ def _write_meta(folder: Path, meta: dict) -> None:
     tmp.replace(folder / ADAPTER_META)
 
 
-def rename_adapter(name: str, new_name: str, owner: str | None, queue=None) -> str:
+def rename_adapter(name: str, new_name: str, owner: str | None, queue: JobQueue | None = None) -> str:
     """Give the owner's adapter ``name`` the display name ``new_name`` (checked like a name at submit).
 
     The folder keeps its name, so the adapter's files, its audio-search library and a published copy stay

@@ -1,6 +1,6 @@
 """``python -m mmdemo finetune``: the same training as a Fine-tune job, in the foreground, with a tqdm bar.
 
-    python -m mmdemo finetune --task caption|vqa|retrieval --data ZIP_OR_DIR --out DIR [--model M]
+    python -m mmdemo finetune --task caption|vqa|retrieval|image_search --data ZIP_OR_DIR --out DIR [--model M]
         [--preset quick|balanced|thorough] [--epochs N] [--lr X] [--rank R] [--alpha A] [--batch-size B]
 
 Prints one JSON line at the end: ``{"adapter", "metrics_before", "metrics_after"}``. Bad data exits 2 with
@@ -65,7 +65,7 @@ def cmd_finetune(args) -> int:
 
 def add_finetune_parser(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="fine-tune a LoRA adapter on a dataset (zip or folder)")
-    p.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval"])
+    p.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval", "image_search"])
     p.add_argument("--data", required=True, metavar="ZIP_OR_DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
     p.add_argument("--model", help="base checkpoint: Hub id or local folder (default: the task's)")

@@ -20,7 +20,7 @@ papers print them (BLIP's COCO table: "B@4 39.7, CIDEr 133.3"; VQA accuracy and 
   of the human answers. Uploads here have one reference answer per question, taken as the humans' consensus, so the
   score is normalised exact match.
 - retrieval, ``R@1``/``R@5`` text-to-audio and audio-to-text (CLAP's wording): the share of queries whose own item is
-  among the top k. Identical descriptions are one text (a hit is any clip with that description); a wrong item tied
+  among the top k. image_search: the same, text-to-image and image-to-text. Identical descriptions are one text (a hit is any clip with that description); a wrong item tied
   with the right one counts as ranked above it, so the score does not depend on the order of the examples.
 
 Captions and answers are decoded one image at a time, as a visitor sends them, with the tabs' beams and the lengths
@@ -81,6 +81,14 @@ METRICS: dict[str, Metric] = {
     "audio_to_text_r1": Metric("R@1 audio-to-text", "for each clip, how often its own description comes first; "
                                                     "higher is better.", percent=True),
     "audio_to_text_r5": Metric("R@5 audio-to-text", "for each clip, how often its own description is among the "
+                                                    "top 5; higher is better.", percent=True),
+    "text_to_image_r1": Metric("R@1 text-to-image", "for each description, how often one of its own images comes "
+                                                    "first in the search; higher is better.", percent=True),
+    "text_to_image_r5": Metric("R@5 text-to-image", "for each description, how often one of its own images is "
+                                                    "among the top 5; higher is better.", percent=True),
+    "image_to_text_r1": Metric("R@1 image-to-text", "for each image, how often its own description comes first; "
+                                                    "higher is better.", percent=True),
+    "image_to_text_r5": Metric("R@5 image-to-text", "for each image, how often its own description is among the "
                                                     "top 5; higher is better.", percent=True),
 }
 
@@ -272,12 +280,14 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
 
 # --- retrieval ------------------------------------------------------------------------------------------------------
 
-def recall_at_k(text_emb: np.ndarray, audio_emb: np.ndarray, texts: Sequence[str], ks=(1, 5)) -> dict:
+def recall_at_k(text_emb: np.ndarray, audio_emb: np.ndarray, texts: Sequence[str], ks=(1, 5),
+                media: str = "audio") -> dict:
     """R@k both ways, in [0, 1], for clips ``i`` described by ``texts[i]`` (embeddings in the same order).
 
     Identical descriptions are one text: text-to-audio asks, for each distinct text, whether one of its clips is
     among the top k clips; audio-to-text asks, for each clip, whether its text is among the top k distinct texts.
     The rank of the right item counts every wrong one scoring at least as high, so ties count against the model.
+    ``media`` names the keys (``text_to_audio_r1``..., or ``text_to_image_r1``... for images).
     """
     texts = list(texts)
     unique = list(dict.fromkeys(texts))
@@ -292,8 +302,8 @@ def recall_at_k(text_emb: np.ndarray, audio_emb: np.ndarray, texts: Sequence[str
     wrong_texts_ahead = ((sims >= own_text[None, :]) & ~own).sum(axis=0)  # per clip
     out = {}
     for k in ks:
-        out[f"text_to_audio_r{k}"] = float(np.mean(wrong_clips_ahead < k))
-        out[f"audio_to_text_r{k}"] = float(np.mean(wrong_texts_ahead < k))
+        out[f"text_to_{media}_r{k}"] = float(np.mean(wrong_clips_ahead < k))
+        out[f"{media}_to_text_r{k}"] = float(np.mean(wrong_texts_ahead < k))
     return out
 
 
@@ -331,14 +341,18 @@ def evaluate(task: str, loaded, examples: Sequence[Example], adapter=None,
         samples = [{"file": e.file, "question": e.question, "reference": e.answer, "output": o,
                     "score": float(normalize_answer(o) == normalize_answer(e.answer))}
                    for e, o in zip(examples, outputs)]
-    elif task == "retrieval":
-        from mmdemo.models.retrieval import Embedder
+    elif task in ("retrieval", "image_search"):
+        if task == "retrieval":
+            from mmdemo.models.retrieval import Embedder
+        else:  # the Image search tab's embedder: the same texts (64 tokens for SigLIP) and pixels
+            from mmdemo.models.image_search import ImageEmbedder as Embedder
 
         emb = Embedder(loaded, adapter=adapter)
         texts = [e.text for e in examples]
         audio = emb.files([e.path for e in examples])
         text = emb.texts(texts)
-        metrics = {k: round(v, 4) for k, v in recall_at_k(text, audio, texts).items()}
+        media = "audio" if task == "retrieval" else "image"
+        metrics = {k: round(v, 4) for k, v in recall_at_k(text, audio, texts, media=media).items()}
         unique = list(dict.fromkeys(texts))
         best = (np.stack([text[texts.index(t)] for t in unique]) @ audio.T).argmax(axis=0)
         samples = [{"file": e.file, "reference": e.text, "output": unique[b], "score": float(unique[b] == e.text)}
@@ -368,8 +382,9 @@ def verdict(task: str, c: dict | None) -> str:
     if task == "vqa":
         return (f"The fine-tuned model answers {c['adapter_right']} of {n} held-out questions exactly right; the "
                 f"base model answered {c['base_right']}.")
-    if task == "retrieval":
-        return (f"The fine-tuned model finds the right description for {c['adapter_right']} of {n} held-out clips; "
+    if task in ("retrieval", "image_search"):
+        what = "clips" if task == "retrieval" else "images"
+        return (f"The fine-tuned model finds the right description for {c['adapter_right']} of {n} held-out {what}; "
                 f"the base model for {c['base_right']}.")
     if not c["better"] and not c["worse"]:
         return (f"The fine-tuned model writes the same captions as the base model for all {n} held-out examples: it "

@@ -30,7 +30,8 @@ from typing import Any
 
 from mmdemo.data import DatasetReport, Example, load_dataset
 from mmdemo.errors import InputError, JobError
-from mmdemo.models.loading import ADAPTER_META, resolve_checkpoint
+from mmdemo.models.loading import ADAPTER_META, checkpoint_name, resolve_checkpoint
+from mmdemo.models.registry import family_module
 
 PHASES = ("validating", "loading model", "preprocessing", "evaluating", "training", "saving")
 
@@ -411,11 +412,7 @@ def _train(loaded, prepared: Prepared, config: TrainConfig, workdir: Path, progr
 SHOW_EXAMPLES = 20  # held-out examples kept with the adapter for the page's table (all are scored)
 
 
-def model_label(checkpoint: str) -> str:
-    """A checkpoint as people read it: a Hub id as it is, a local folder by its own name (no server path)."""
-    text = str(checkpoint)
-    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).is_dir()
-    return Path(text).name if local else text
+model_label = checkpoint_name  # a checkpoint as people read it: a Hub id, or a local folder's own name
 
 
 def _card_metrics(meta: dict) -> str:
@@ -446,6 +443,10 @@ def model_card(meta: dict) -> str:
     steps_text = f"{run['steps_done']} of {run['steps']} steps" if run.get("steps_done") is not None else \
         f"{run.get('steps', '?')} steps"
     comparison = meta.get("comparison")
+    command = {"retrieval": "search", "image_search": None}.get(meta["task"], meta["task"])
+    in_mmdemo = (f"or in mmdemo: `python -m mmdemo {command} ... --adapter path/to/this/folder`." if command else
+                 f"or in mmdemo's {meta['task'].replace('_', ' ').capitalize()} tab (copy the folder into "
+                 f"MMDEMO_HOME/adapters).")
     verdict_line = f"\n{verdict(meta['task'], comparison)}\n" if comparison else ""
     explained = "\n".join(f"- **{METRICS[k].label}**: {METRICS[k].meaning}" for k in meta["metrics_after"]
                           if k in METRICS)
@@ -487,7 +488,7 @@ base = {cls}.from_pretrained("{meta['base_model']}")
 model = PeftModel.from_pretrained(base, "path/to/this/folder")
 ```
 
-or in mmdemo: `python -m mmdemo {'search' if meta['task'] == 'retrieval' else meta['task']} ... --adapter path/to/this/folder`.
+{in_mmdemo}
 """
 
 
@@ -587,7 +588,11 @@ def finetune(
 
     progress(Progress("preprocessing", 0, report.examples,
                       message=f"Preparing {report.examples} examples for the model (decoding every file once)."))
-    prepared = PREPARE[task](loaded, report.train, seed=config.seed)
+    family = family_module(loaded.arch)
+    if family is not None:  # the family module builds its own training inputs (Florence-2, SmolVLM)
+        prepared = Prepared(*getattr(family, f"prepare_{task}")(loaded, report.train, seed=config.seed))
+    else:
+        prepared = PREPARE[task](loaded, report.train, seed=config.seed)
     progress(Progress("preprocessing", report.examples, report.examples))
 
     held_out = len(report.test)

@@ -17,15 +17,25 @@ from mmdemo.models.generation import (
     text_positions,
 )
 from mmdemo.models.loading import Loaded, load
+from mmdemo.models.registry import family_module
 
 MAX_PREFIX_CHARS = 1_000  # refused before tokenizing; the token limit below is the real bound
 
 
-def check_prompt(loaded: Loaded, prompt: str | None, options: GenerationOptions = CAPTION_DEFAULTS) -> None:
-    """Refuse a prefix and ``max_new_tokens`` that together exceed the text decoder's positions.
+def check_prompt(loaded: Loaded, prompt: str | None, options: GenerationOptions = CAPTION_DEFAULTS,
+                 detail: str = "short") -> None:
+    """Refuse a prefix and ``max_new_tokens`` that together exceed the text decoder's positions, and a prefix or
+    ``detail`` the model's family cannot follow (Florence-2 takes no prefix; BLIP writes short captions only).
 
     Checked per request before requests are batched: one too-long prefix would fail the whole batch.
     """
+    family = family_module(loaded.arch)
+    if family is not None:
+        family.check_prompt(prompt)
+        family.task_prompt(detail)
+    elif detail != "short":
+        raise InputError(f"{loaded.arch.model_type.upper()} writes short captions only; choose the short detail, or "
+                         f"a model that writes detailed captions (Florence-2).")
     prompt = (prompt or "").strip()
     if len(prompt) > MAX_PREFIX_CHARS:
         raise InputError(f"The prefix is {len(prompt):,} characters long; keep it under {MAX_PREFIX_CHARS:,} "
@@ -45,24 +55,32 @@ def caption(
     adapter: str | Path | None = None,
     model: str | Loaded | None = None,
     batch_size: int = 16,
+    detail: str = "short",
 ) -> list[str]:
-    """One caption per image. Every image is decoded and checked before the model is touched."""
+    """One caption per image. Every image is decoded and checked before the model is touched.
+
+    ``detail`` (``short``, ``detailed``, ``paragraph``) is for models that write longer captions on request
+    (Florence-2); BLIP accepts ``short`` only."""
     limits = get_settings().limits
     pil_images = [load_image(img, limits) for img in images]
     if not pil_images:
         return []
     loaded = model if isinstance(model, Loaded) else load("caption", model)
-    check_prompt(loaded, prompt, options)
+    check_prompt(loaded, prompt, options, detail)
     prompt = (prompt or "").strip() or None
     captions: list[str] = []
     for start in range(0, len(pil_images), batch_size):
-        captions += _caption_batch(loaded, pil_images[start:start + batch_size], prompt, options, adapter)
+        captions += _caption_batch(loaded, pil_images[start:start + batch_size], prompt, options, adapter, detail)
     return captions
 
 
-def _caption_batch(loaded: Loaded, images, prompt, options: GenerationOptions, adapter) -> list[str]:
+def _caption_batch(loaded: Loaded, images, prompt, options: GenerationOptions, adapter,
+                   detail: str = "short") -> list[str]:
     import torch
 
+    family = family_module(loaded.arch)
+    if family is not None:
+        return family.caption_batch(loaded, images, prompt, options, adapter, detail)
     processor = loaded.processor
     if prompt is None:
         inputs = processor(images=images, return_tensors="pt")

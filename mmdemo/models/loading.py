@@ -67,7 +67,27 @@ def pick_dtype(device: str, override: str | None = None):
 def resolve_checkpoint(task: str, checkpoint: str | None = None) -> str:
     """The checkpoint for ``task``: the argument, else its env var, else the registry default."""
     spec = get_task(task)
-    return checkpoint or get_settings().models.get(task) or spec.default_checkpoint
+    # the registry's env var too: a task added there needs no entry in mmdemo.config
+    return checkpoint or get_settings().models.get(task) or os.environ.get(spec.env_var) or spec.default_checkpoint
+
+
+def checkpoint_name(checkpoint: str | None) -> str:
+    """A checkpoint as people read it: a Hub id as it is, a local folder by its own name (never a server path)."""
+    text = str(checkpoint or "")
+    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.path.isdir(text)
+    return Path(text).name if local else text
+
+
+def more_checkpoints(task: str) -> list[str]:
+    """The other base models offered for ``task`` beside its main checkpoint: ``MMDEMO_<TASK>_MORE_MODELS``
+    (comma-separated Hub ids or folders; ``none`` for none) if set, else the registry's."""
+    spec = get_task(task)
+    raw = os.environ.get(spec.more_env_var)
+    if raw is None or not raw.strip():
+        return list(spec.more_checkpoints)
+    if raw.strip().lower() == "none":
+        return []
+    return list(dict.fromkeys(c.strip() for c in raw.split(",") if c.strip()))
 
 
 def _is_local(checkpoint: str) -> bool:

@@ -47,8 +47,13 @@ def _bert_tokenizer():
 
 
 def _roberta_tokenizer():
+    return bpe_tokenizer("RobertaTokenizer")
+
+
+def bpe_tokenizer(cls_name: str, **kwargs):
+    """A byte-level BPE tokenizer (RoBERTa's and BART's kind) trained on ``WORDS``, as transformers' ``cls_name``."""
+    import transformers
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaTokenizer
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     bpe = ByteLevelBPETokenizer()
@@ -62,7 +67,7 @@ def _roberta_tokenizer():
         vocab = json.loads(Path(tmp, "vocab.json").read_text())
         lines = Path(tmp, "merges.txt").read_text().splitlines()
         merges = [tuple(m.split(" ")) for m in lines if m and not m.startswith("#")]
-    return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=64)
+    return getattr(transformers, cls_name)(vocab=vocab, merges=merges, model_max_length=64, **kwargs)
 
 
 def _blip_config(tok):
@@ -130,7 +135,18 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "clap": _build_clap,
 }
 # task -> tiny folder name, for `--tiny-models` and the tests
-TINY_FOR_TASK = {"caption": "blip-caption", "vqa": "blip-vqa", "retrieval": "clap"}
+TINY_FOR_TASK = {"caption": "blip-caption", "vqa": "blip-vqa", "retrieval": "clap", "image_search": "siglip"}
+
+
+def tiny_more_for_task() -> dict[str, list[str]]:
+    """task -> the tiny folders of its other model families (the tab's other base models under ``--tiny-models``)."""
+    from mmdemo.models.registry import ARCHITECTURES
+
+    more: dict[str, list[str]] = {}
+    for arch in ARCHITECTURES.values():
+        if arch.tiny_name != TINY_FOR_TASK.get(arch.task):
+            more.setdefault(arch.task, []).append(arch.tiny_name)
+    return more
 
 
 def write_tiny_models(out_dir: str | Path, names: list[str] | None = None) -> dict[str, Path]:
@@ -138,7 +154,7 @@ def write_tiny_models(out_dir: str | Path, names: list[str] | None = None) -> di
 
     A folder that already holds a complete checkpoint is kept, so repeated calls are cheap.
     """
-    from mmdemo.models.registry import ARCHITECTURES
+    from mmdemo.models.registry import ARCHITECTURES, family_module
 
     out_dir = Path(out_dir)
     written = {}
@@ -153,7 +169,7 @@ def write_tiny_models(out_dir: str | Path, names: list[str] | None = None) -> di
 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            BUILDERS[name](tmp)
+            (BUILDERS.get(name) or family_module(arch).build_tiny)(tmp)
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)
         written[name] = folder

@@ -24,6 +24,7 @@ from mmdemo.models.generation import (
     text_positions,
 )
 from mmdemo.models.loading import Loaded, load
+from mmdemo.models.registry import family_module
 
 MAX_QUESTION_CHARS = 500
 
@@ -81,6 +82,13 @@ def answer_pairs(
         return []
     loaded = model if isinstance(model, Loaded) else load("vqa", model)
     check_questions(loaded, questions, options)
+    family = family_module(loaded.arch)
+    if family is not None:  # a chat model (SmolVLM): one turn per question, batched by its own generate
+        out: list[str] = []
+        for start in range(0, len(pairs), batch_size):
+            out += family.answer_batch(loaded, images[start:start + batch_size],
+                                       questions[start:start + batch_size], options, adapter)
+        return out
     processor, tokenizer = loaded.processor, loaded.processor.tokenizer
     # one row of pixel values per distinct image (the same object asked several questions)
     slot: dict[int, int] = {}

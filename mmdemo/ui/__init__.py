@@ -13,15 +13,20 @@ Tab-module convention (follow it to add a tab; registering it is one line in ``m
   numbers, lists, DataFrames), so tests call them without a browser. They raise ``MMDemoError``;
   decorate them with :func:`mmdemo.ui.common.user_errors`, the only place that turns those into
   ``gr.Error`` with the error's sentence.
-- Every public event has a stable ``api_name`` from DESIGN.md (``caption``, ``vqa``, ``search_audio``,
-  ``classify_audio``, ``similar_audio``, ``finetune_submit``, ``job_status``, ``job_cancel``); helper
-  events (previews, refreshes, timers) use ``api_visibility="private"``.
+- Every public event has a stable ``api_name`` (DESIGN.md's ``caption``, ``vqa``, ``search_audio``,
+  ``classify_audio``, ``similar_audio``, ``finetune_submit``, ``job_status``, ``job_cancel``; since then
+  ``compare``, ``search_images``, ``classify_image``, ``similar_images``); helper events (previews, refreshes,
+  timers) use ``api_visibility="private"``. A tab lists the api_names strangers' agents may call in
+  ``MCP_TOOLS`` (served by ``python app.py --mcp``); their functions have named parameters and a docstring
+  with an ``Args:`` line per parameter, which the API page and MCP clients show.
 - Events that run a model use ``concurrency_id=GPU_QUEUE`` and ``concurrency_limit=ctx.gpu_concurrency``
   (``mmdemo.ui.context``) so GPU work is never oversubscribed; the model call itself goes through
   :mod:`mmdemo.ui.gpu` (``@gpu.task``), which adds ``@spaces.GPU`` on ZeroGPU and nothing elsewhere.
-- Checkpoints come from ``ctx.checkpoint(task)``; the "Model" row (base or one of the visitor's adapters,
-  refreshed on load, tab select and its button) from :func:`mmdemo.ui.common.model_selector`, and a
-  chosen name resolves with :func:`mmdemo.ui.common.adapter_path` (task, name, owner), which refuses
+- Checkpoints come from ``ctx.checkpoint(task)`` and, for tabs with several base models,
+  ``ctx.base_models(task)``; the "Model" row (base, the tab's other base models, or one of the visitor's
+  adapters, refreshed on load, tab select and its button) from :func:`mmdemo.ui.common.model_selector`, and a
+  chosen name resolves with :func:`mmdemo.ui.common.resolve_model` (base models, name, owner: checkpoint,
+  adapter folder, caption detail) or :func:`mmdemo.ui.common.adapter_path` (task, name, owner), which refuse
   adapters the owner may not use. Who the visitor is: :func:`mmdemo.ui.common.owner_of` (jobs: an id is
   required) or :func:`mmdemo.ui.common.optional_owner` (model tabs) with ``ctx.browser_id`` as an input of
   every public event, and ``gr.OAuthProfile`` on a Space (batched handlers: :func:`profile_of` per request).

@@ -1,44 +1,28 @@
-"""Audio search tab: a persistent library (bundled clips + uploads), searched by text or by a sound.
+"""Audio search tab: the shared audio library (:mod:`mmdemo.models.audio_library`, which the CLI's
+``python -m mmdemo library`` calls too), searched by text or by a sound.
 
-The library is an ``AudioIndex`` under ``MMDEMO_HOME/indexes/library-<checkpoint>/``; uploaded clips are
-copied to ``MMDEMO_HOME/library-clips/<content hash>/`` first (Gradio's upload folder is temporary),
-so the same clip is stored once. A text query ranks clips; a sound (upload or microphone) ranks an
-editable list of labels and finds similar clips. Handlers are plain functions of paths and strings.
-
-Searching with a fine-tuned retrieval adapter needs the clips embedded by that adapter, so each adapter
-gets its own index in a sibling folder (``library-<checkpoint>--<adapter>-<hash of its folder>``). The base
-library stays the list of clips; an adapter's library is filled on first use and topped up on each
-use with the base clips it lacks (only those are embedded), so it persists across restarts.
+A text query ranks clips; a sound (upload or microphone) ranks an editable list of labels and finds similar
+clips. Handlers are plain functions of paths and strings; this module adds the page, the tab's model (loaded on
+the CPU under ZeroGPU) and the sentences and charts a visitor reads.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import logging
-import re
-import shutil
-import tempfile
-import threading
 import time
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from mmdemo.archive import extract_zip
-from mmdemo.config import folder_problem, get_settings
-from mmdemo.errors import InputError, MMDemoError
-from mmdemo.media import AUDIO_EXTENSIONS, audio_info, file_sha256
-from mmdemo.models.generation import check_text
-from mmdemo.models.loading import Loaded
+from mmdemo.config import get_settings
+from mmdemo.errors import InputError
+from mmdemo.media import AUDIO_EXTENSIONS, audio_info
+from mmdemo.models import audio_library as lib
 from mmdemo.models.retrieval import (
     AudioIndex,
     Embedder,
     Hit,
     embed_query_audio,
-    find_audio_files,
     rank_labels,
 )
 from mmdemo.ui import gpu
@@ -56,14 +40,14 @@ from mmdemo.ui.common import (
     show_run_info,
     user_errors,
 )
-from mmdemo.ui.context import ASSETS, CHECK_CONCURRENCY, GPU_QUEUE, UIContext
+from mmdemo.ui.context import CHECK_CONCURRENCY, GPU_QUEUE, UIContext
 
 TITLE = "Audio search"
 TASK = "retrieval"
+# api_names offered to MCP clients (python app.py --mcp; see mmdemo.ui.app.mcp_tool_names)
+MCP_TOOLS = ["search_audio", "classify_audio", "similar_audio"]
 PLAYERS = 5
-MAX_UPLOADS = 500
-MAX_LABELS = 50  # each label is one text-tower pass; 10,000 would hold the shared model for a minute
-MAX_TEXT_CHARS = 300  # a query or a label; the model's token limit is checked too
+MAX_UPLOADS, MAX_LABELS, MAX_TEXT_CHARS = lib.MAX_UPLOADS, lib.MAX_LABELS, lib.MAX_TEXT_CHARS
 DEFAULT_LABELS = "beep, siren, rain, bird, whistle, drum, hum, speech, bell, chord"
 EXAMPLE_QUERIES = ["a high beep", "rain", "a siren", "a rising chirp"]
 RESULT_HEADERS = ["rank", "clip", "score"]
@@ -76,174 +60,27 @@ TOP_K_INFO = "How many of the best matches to show."
 PLOT_LABEL_CHARS = 22  # longer clip names are shortened under the chart's bars
 
 log = logging.getLogger(__name__)
-_INDEXES: dict[str, AudioIndex] = {}
-_INDEX_LOCK = threading.Lock()
-_FILL_LOCKS: dict[str, threading.Lock] = {}  # adapter library folder -> lock held while it is topped up
-_EMBEDDERS: dict[tuple, Embedder] = {}  # (model key, adapter folder) -> its Embedder, reused by every request
-_EMBEDDER_LOCK = threading.Lock()
-
-
-def bundled_clips() -> list[Path]:
-    return sorted(p for p in (ASSETS / "sounds").glob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:40]
-
-
-def index_dir(checkpoint: str, adapter: str | None = None) -> Path:
-    """The library folder for ``checkpoint`` (the base library), or for ``adapter`` on it (a sibling)."""
-    digest = hashlib.sha1(checkpoint.encode()).hexdigest()[:8]
-    base = get_settings().indexes_dir / f"library-{_slug(Path(checkpoint).name)}-{digest}"
-    if adapter is None:
-        return base
-    folder = Path(adapter).expanduser().resolve()
-    key = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
-    return base.with_name(f"{base.name}--{_slug(folder.name)}-{key}")
-
-
-def _open(path: Path, emb: Embedder) -> AudioIndex:
-    """The index at ``path`` from this process's cache (opened or created on first use); hold _INDEX_LOCK."""
-    index = None if gpu.ZERO_GPU else _INDEXES.get(str(path))  # ZeroGPU workers change it on disk
-    if index is None:
-        index = AudioIndex.open_or_create(path, emb.checkpoint, emb.dim)
-        _INDEXES[str(path)] = index
-    return index
+_INDEXES = lib._INDEXES  # this process's open libraries (tests clear it to read them back from disk)
+bundled_clips = lib.bundled_clips
+index_dir = lib.index_dir
+embedder = lib.embedder
+library_rows = lib.library_rows
+library_clips_dir = lib.clips_dir
 
 
 def library(checkpoint: str, adapter: str | None = None) -> tuple[AudioIndex, Embedder]:
-    """The library index and embedder for ``checkpoint``, or for ``adapter`` (a folder) on it.
-
-    The base library gets the bundled clips on first use. An adapter's library holds the same clips
-    embedded with the adapter: the base clips whose content it lacks are embedded now, nothing else.
-    """
-    try:
-        return _library(checkpoint, adapter)
-    except OSError as err:  # a read-only or full MMDEMO_HOME: one sentence, not a traceback
-        problem = folder_problem(err, "The audio library's folder (under MMDEMO_HOME)")
-        if problem is None:
-            raise
-        raise InputError(problem) from None
-
-
-def embedder(loaded: Loaded, adapter: str | None = None) -> Embedder:
-    """The ``Embedder`` for ``loaded`` (and ``adapter``), made once (it builds the audio feature transform)."""
-    key = (loaded.task, loaded.checkpoint, loaded.device, str(loaded.dtype), adapter)
-    with _EMBEDDER_LOCK:
-        emb = _EMBEDDERS.get(key)
-        if emb is None or emb.loaded is not loaded:  # a model loaded again (tests clear the cache) gets a new one
-            emb = _EMBEDDERS[key] = Embedder(loaded, adapter=adapter)
-    return emb
-
-
-def _library(checkpoint: str, adapter: str | None) -> tuple[AudioIndex, Embedder]:
-    loaded = gpu.loaded(TASK, checkpoint)
-    emb = embedder(loaded)
-    path = index_dir(emb.checkpoint)
-    with _INDEX_LOCK:
-        index = _open(path, emb)
-        if not AudioIndex.exists(path):
-            index.add_files(bundled_clips(), emb)
-        if adapter is None:
-            return index, emb
-        emb = embedder(loaded, adapter)
-        own = _open(index_dir(emb.checkpoint, adapter), emb)
-        fill_lock = _FILL_LOCKS.setdefault(str(own.path), threading.Lock())
-    # Filled outside _INDEX_LOCK (embedding a big library takes a while; the base library stays usable),
-    # but one filler per adapter library, so two requests never embed the same clip twice.
-    with fill_lock:
-        have = {c.sha256 for c in own.clips}
-        missing = [c.path for c in list(index.clips) if c.sha256 not in have]
-        if missing or not AudioIndex.exists(own.path):
-            report = own.add_files(missing, emb)
-            for _path, why in report.failed:  # e.g. a clip deleted by hand since it joined the base library
-                log.warning("a clip is missing from the %s library: %s", Path(adapter).name, why)
-    return own, emb
-
-
-def library_rows(checkpoint: str) -> list[list]:
-    """The clips in the library, newest first (read from disk; needs no model)."""
-    path = index_dir(checkpoint)
-    with _INDEX_LOCK:
-        index = _INDEXES.get(str(path))
-    if index is None:
-        if not AudioIndex.exists(path):
-            return [[p.name, None] for p in bundled_clips()]
-        index = AudioIndex.open(path)
-    return [[c.name, round(c.duration, 2)] for c in reversed(index.clips)]  # newest first
-
-
-def library_clips_dir() -> Path:
-    """Where uploaded library clips are kept: the one folder under MMDEMO_HOME the web server serves."""
-    return get_settings().home / "library-clips"
-
-
-def _store(src: Path, store: Path) -> Path:
-    """Copy an upload into the library folder, in a folder named by its content hash (kept once).
-
-    Written to a temporary name and renamed, so a full disk or a crash never leaves a partial clip that
-    a later upload of the same content would take for complete.
-    """
-    target = store / file_sha256(src)[:16] / src.name
-    if target.exists():
-        return target
-    tmp = target.with_name(f".{target.name}.part")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, tmp)
-        tmp.replace(target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            target.parent.rmdir()  # only if empty: another clip of the same content may live there
-        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or type(err).__name__).lower()
-        raise InputError(f"{src.name} could not be stored in the library ({why}); free some space or ask the "
-                         f"app's owner to, then add it again.") from None
-    return target
+    """The library index and embedder for ``checkpoint`` (or ``adapter`` on it): :func:`lib.library` on the
+    tab's model (on the CPU under ZeroGPU, where GPU workers change the index on disk: never cached here)."""
+    return lib.library(gpu.loaded(TASK, checkpoint), adapter, cached=not gpu.ZERO_GPU)
 
 
 @gpu.task(duration=120)
 def add_clips(files, checkpoint: str | None = None) -> tuple[str, list[list]]:
     """Add uploaded clips (and the clips inside uploaded zips) to the library; report what happened."""
     paths = [p for p in (file_path(f) for f in (files or [])) if p]
-    if not paths:
-        raise InputError("Upload audio files (WAV, FLAC, OGG or MP3) or a zip of them to add.")
-    checkpoint = checkpoint or gpu.loaded(TASK, None).checkpoint
-    store = library_clips_dir()
-    problems: list[tuple[str, str]] = []
-    candidates: list[Path] = []
-    with tempfile.TemporaryDirectory(prefix="mmdemo-upload-") as tmp:
-        for raw in map(Path, paths):
-            if raw.suffix.lower() == ".zip":
-                try:
-                    extracted = extract_zip(raw, Path(tmp) / raw.stem)
-                except MMDemoError as err:
-                    problems.append((raw.name, str(err)))
-                    continue
-                problems += [(raw.name, p) for p in extracted.problems]
-                found, other = find_audio_files(extracted.root)
-                candidates += found
-                problems += [(Path(p).name, why) for p, why in other]
-            elif raw.suffix.lower() in AUDIO_EXTENSIONS:
-                candidates.append(raw)
-            else:
-                problems.append((raw.name, f"{raw.name} is not an audio file (WAV, FLAC, OGG or MP3) or a zip, "
-                                           f"so it was skipped."))
-        if len(candidates) > MAX_UPLOADS:
-            raise InputError(f"{len(candidates)} clips were uploaded; add at most {MAX_UPLOADS} at a time.")
-        original = {}
-        for p in candidates:
-            try:
-                original[str(_store(p, store))] = p.name
-            except InputError as err:
-                problems.append((p.name, str(err)))
-        index, emb = library(checkpoint)
-        report = index.add_files(list(original), emb)
-    for path, why in report.failed:
-        shutil.rmtree(Path(path).parent, ignore_errors=True)  # a bad file is reported, not kept
-        problems.append((original.get(path, Path(path).name), why))
-    said = _report(len(report.added), len(report.duplicates), [why for _name, why in problems], len(index))
-    return said, library_rows(checkpoint)
+    loaded = gpu.loaded(TASK, checkpoint)
+    added = lib.add_uploads(paths, loaded, cached=not gpu.ZERO_GPU)
+    return _report(added.added, added.duplicates, added.problems, added.total), library_rows(loaded.checkpoint)
 
 
 def _report(added: int, duplicates: int, problems: list[str], total: int) -> str:
@@ -275,14 +112,7 @@ def _info(emb: Embedder, model: str | None, start: float) -> str:
                     time.monotonic() - start)
 
 
-def _top_k(value) -> int:
-    try:
-        k = int(value or 5)
-    except (TypeError, ValueError):
-        raise InputError("Top-k must be a whole number.") from None
-    if not 1 <= k <= 50:
-        raise InputError(f"Top-k must be between 1 and 50, not {k}.")
-    return k
+_top_k = lib.check_top_k
 
 
 def _checkpoint(checkpoint: str | None) -> str:
@@ -290,24 +120,12 @@ def _checkpoint(checkpoint: str | None) -> str:
 
 
 def _query_text(text: str | None, checkpoint: str | None) -> str:
-    text = (text or "").strip()
-    if not text:
-        raise InputError("Type some text to search for, such as 'a high beep'.")
-    check_text(gpu.loaded(TASK, checkpoint), text, "search text", MAX_TEXT_CHARS)
-    return text
+    return lib.check_query(text, gpu.loaded(TASK, checkpoint))
 
 
 def split_labels(labels: str | None, checkpoint: str | None) -> list[str]:
     """The comma- or line-separated labels, each within the model's text limit, at most ``MAX_LABELS``."""
-    found = [lab.strip() for lab in re.split(r"[,\n]", labels or "") if lab.strip()]
-    if not found:
-        raise InputError("Write at least one label to rank, such as 'beep, rain, siren'.")
-    if len(found) > MAX_LABELS:
-        raise InputError(f"{len(found)} labels were given; rank at most {MAX_LABELS} at a time.")
-    loaded = gpu.loaded(TASK, checkpoint)
-    for label in found:
-        check_text(loaded, label, "label", MAX_TEXT_CHARS)
-    return list(dict.fromkeys(found))  # a label given twice is ranked once
+    return lib.split_labels(labels, gpu.loaded(TASK, checkpoint))
 
 
 def _audio_path(audio) -> str:
@@ -473,6 +291,52 @@ def build(ctx: UIContext) -> None:
 
         return user_errors(handler)
 
+    # The public endpoints' functions: their names, defaults and docstrings are what the API page and MCP clients
+    # show (a wrapper taking *args, as _ck makes, would show param_0, param_1...); one line per Args entry.
+    def search_text(text, top_k=5, model=None, browser_id=None, profile: gr.OAuthProfile | None = None):
+        """Rank the clips of the app's sound library by how well they match a text description (CLAP by default).
+
+        Args:
+            text: What the sound is like, in a few words, e.g. "a high beep" or "rain on a roof".
+            top_k: How many of the best-matching clips to return, 1 to 50.
+            model: "base" for the base model (the usual choice), or the name of a fine-tuned retrieval adapter you may use.
+            browser_id: Leave empty. The id an API client chose for its own fine-tuning jobs, to use its unpublished adapters.
+
+        Returns:
+            A table of the best clips (rank, clip file name, score from -1 to 1, higher is closer) and the same scores as a chart's data.
+        """
+        return search_audio(text, top_k, model, browser_id, profile, checkpoint=checkpoint)
+
+    def classify_sound(audio, labels=DEFAULT_LABELS, top_k=5, model=None, browser_id=None,
+                       profile: gr.OAuthProfile | None = None):
+        """Rank text labels by how well each describes a sound (zero-shot audio classification, CLAP by default).
+
+        Args:
+            audio: The sound to describe (WAV, FLAC, OGG or MP3).
+            labels: The candidate labels, separated by commas or lines, at most 50, e.g. "beep, rain, siren".
+            top_k: How many of the best labels to return, 1 to 50.
+            model: "base" for the base model (the usual choice), or the name of a fine-tuned retrieval adapter you may use.
+            browser_id: Leave empty. The id an API client chose for its own fine-tuning jobs, to use its unpublished adapters.
+
+        Returns:
+            A table of the best labels (rank, label, score from -1 to 1, higher is closer) and the same scores as a chart's data.
+        """
+        return classify_audio(audio, labels, top_k, model, browser_id, profile, checkpoint=checkpoint)
+
+    def similar_clips(audio, top_k=5, model=None, browser_id=None, profile: gr.OAuthProfile | None = None):
+        """Find the clips of the app's sound library that sound most like a given sound (audio-to-audio search, CLAP by default).
+
+        Args:
+            audio: The sound to match (WAV, FLAC, OGG or MP3).
+            top_k: How many of the most similar clips to return, 1 to 50.
+            model: "base" for the base model (the usual choice), or the name of a fine-tuned retrieval adapter you may use.
+            browser_id: Leave empty. The id an API client chose for its own fine-tuning jobs, to use its unpublished adapters.
+
+        Returns:
+            A table of the most similar clips (rank, clip file name, score from -1 to 1, higher is closer).
+        """
+        return similar_audio(audio, top_k, model, browser_id, profile, checkpoint=checkpoint)
+
     def add_and_clear(files):
         # the upload box is emptied once its files are in the library (a second click would add them again)
         return *add_clips(files, checkpoint=checkpoint), None
@@ -486,16 +350,16 @@ def build(ctx: UIContext) -> None:
     add.click(user_errors(add_and_clear), uploads, [report, table, uploads], api_visibility="private", **gpu_kw)
     for trigger, api_name in ((search.click, "search_audio"), (query.submit, None)):
         searched = trigger(_ck(check_search), text_in, None, **check_kw).success(
-            _ck(search_audio), text_in, [results, plot, clip_paths, text_info],
+            user_errors(search_text), text_in, [results, plot, clip_paths, text_info],
             **(dict(api_name=api_name) if api_name else dict(api_visibility="private")), **gpu_kw,
         )
         searched.then(players, [results, clip_paths], audio_players, api_visibility="private")
         show_run_info(searched, text_info, text_info_box)
     checked = match.click(_ck(check_sound), sound_in, None, **check_kw)
-    labelled = checked.success(_ck(classify_audio), sound_in, [label_table, label_plot, label_info],
+    labelled = checked.success(user_errors(classify_sound), sound_in, [label_table, label_plot, label_info],
                                api_name="classify_audio", **gpu_kw)
     show_run_info(labelled, label_info, label_info_box)
-    found = checked.success(_ck(similar_audio), [sound, top_k2, model, browser_id], [similar, clip_paths, similar_info],
+    found = checked.success(user_errors(similar_clips), [sound, top_k2, model, browser_id], [similar, clip_paths, similar_info],
                             api_name="similar_audio", **gpu_kw)
     found.then(players, [similar, clip_paths], audio_players, api_visibility="private")
     show_run_info(found, similar_info, similar_info_box)

@@ -10,6 +10,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +18,8 @@ import gradio as gr
 
 from mmdemo.errors import InputError, MMDemoError
 from mmdemo.models.generation import GenerationOptions
-from mmdemo.models.loading import check_adapter
+from mmdemo.models.loading import check_adapter, checkpoint_name
+from mmdemo.ui.context import BaseModels
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -136,12 +138,43 @@ def browser_secret(home: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- adapters
-def adapter_choices(task: str, owner: str | None) -> list[str]:
-    """``base`` plus the finished adapters for ``task`` that ``owner`` may use (theirs, or published)."""
+def adapter_choices(task: str, owner: str | None, bases: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """``base``, the tab's other base models (``bases``: :meth:`~mmdemo.ui.context.BaseModels.names`), then the
+    finished adapters for ``task`` that ``owner`` may use (theirs, or published)."""
     from mmdemo.jobs.adapters import list_adapters, visible
 
     found = list_adapters(task, owner)  # owner None lists every adapter: keep what an anonymous caller may use
-    return [BASE, *(a["name"] for a in found if visible(a, owner, anonymous_sees_all=False))]
+    adapters = [a["name"] for a in found if visible(a, owner, anonymous_sees_all=False)]
+    return [BASE, *bases, *(name for name in adapters if name not in bases)]
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """What a Model list value means for one request: the checkpoint, the adapter folder (or none), the detail."""
+
+    checkpoint: str
+    adapter: str | None = None
+    detail: str = "short"
+
+
+def tab_bases(task: str, checkpoint: str | None = None, bases: BaseModels | None = None) -> BaseModels:
+    """A tab handler's base models: ``bases`` as the page built them; a caller that names only a ``checkpoint``
+    (tests, scripts) gets that one alone, and one that names neither the task's main checkpoint alone."""
+    from mmdemo.ui.context import UIContext
+
+    return bases or BaseModels(task, checkpoint or UIContext().checkpoint(task))
+
+
+def resolve_model(bases: BaseModels, choice: str | None, owner: str | None) -> Chosen:
+    """A Model list value for one request: a base model by its name, else an adapter ``owner`` may use (the owner
+    check of :func:`adapter_path`), run on the base model it was trained on."""
+    entries = bases.entries()
+    if choice is None or choice == "" or choice in entries:
+        checkpoint, detail = entries[choice or BASE]
+        return Chosen(checkpoint, None, detail)
+    folder = adapter_path(bases.task, choice, owner)
+    meta = check_adapter(Path(folder), bases.task)
+    return Chosen(bases.checkpoint_for(meta.get("base_model")), folder)
 
 
 def adapter_path(task: str, choice: str | None, owner: str | None) -> str | None:
@@ -159,25 +192,30 @@ def adapter_path(task: str, choice: str | None, owner: str | None) -> str | None
     return str(folder)
 
 
-def adapter_dropdown(task: str) -> gr.Dropdown:
-    # Only "base" at build time: the page fills in the visitor's own adapters on load (refresh_adapters).
-    return gr.Dropdown(choices=[BASE], value=BASE, label="Model", allow_custom_value=True, elem_id=f"{task}-adapter",
-                       info="the base model, or one of your fine-tuned adapters for this task")
+def adapter_dropdown(task: str, bases: list[str] | tuple[str, ...] = ()) -> gr.Dropdown:
+    # The base models at build time: the page fills in the visitor's own adapters on load (refresh_adapters).
+    info = ("the base model, another base model, or one of your fine-tuned adapters for this task" if bases else
+            "the base model, or one of your fine-tuned adapters for this task")
+    return gr.Dropdown(choices=[BASE, *bases], value=BASE, label="Model", allow_custom_value=True,
+                       elem_id=f"{task}-adapter", info=info)
 
 
-def refresh_adapters(task: str, current: str | None, browser_id: str | None, profile: Any = None) -> dict:
+def refresh_adapters(task: str, current: str | None, browser_id: str | None, profile: Any = None,
+                     bases: list[str] | tuple[str, ...] = ()) -> dict:
     try:
         owner = optional_owner(browser_id, profile)
     except InputError:
         owner = None
-    choices = adapter_choices(task, owner)
+    choices = adapter_choices(task, owner, bases)
     return gr.update(choices=choices, value=current if current in choices else BASE)
 
 
 def model_selector(ctx, task: str) -> gr.Dropdown:
-    """The "Model" row of a tab: base or one of the visitor's adapters, with a refresh button."""
+    """The "Model" row of a tab: base, the tab's other base models, or one of the visitor's adapters, with a
+    refresh button."""
+    bases = ctx.base_models(task).names()
     with gr.Row():
-        dropdown = adapter_dropdown(task)
+        dropdown = adapter_dropdown(task, bases)
         button = gr.Button("↻", scale=0, min_width=40)
     wire_adapter_refresh(ctx, task, dropdown, button)
     return dropdown
@@ -185,9 +223,10 @@ def model_selector(ctx, task: str) -> gr.Dropdown:
 
 def wire_adapter_refresh(ctx, task: str, dropdown, button) -> None:
     """Refill ``dropdown`` with the visitor's adapters on page load, on tab select and on ``button``."""
+    bases = ctx.base_models(task).names()
 
     def refresh(current, browser_id, profile: gr.OAuthProfile | None = None):
-        return refresh_adapters(task, current, browser_id, profile)
+        return refresh_adapters(task, current, browser_id, profile, bases)
 
     for trigger in (button.click, ctx.tab.select, ctx.ready):
         trigger(refresh, [dropdown, ctx.browser_id], dropdown, api_visibility="private", queue=False)
@@ -231,7 +270,8 @@ def serve_batch(n: int, prepare: Callable[[int, str | None], Any],
     """The shared skeleton of a batched tab handler (Caption, Visual QA): ``n`` users' requests in one go.
 
     ``prepare(i, owner)`` checks request ``i`` and returns its work (raising ``MMDemoError``);
-    ``call({i: work})`` runs the model on several requests and returns ``({i: rows}, device, checkpoint)``.
+    ``call({i: work})`` runs the model on several requests and returns ``({i: rows}, device, checkpoint)``, where
+    ``checkpoint`` may be ``{i: checkpoint}`` when the requests chose different base models.
     Returns one list of rows per request and one line of small print per request (blank when refused).
     A refused request gets its sentence as its only row when it was batched with others; alone, it raises
     (the user sees ``gr.Error``). Model failures are narrowed to the failing request (:func:`serve_isolated`).
@@ -247,10 +287,12 @@ def serve_batch(n: int, prepare: Callable[[int, str | None], Any],
         except MMDemoError as err:
             rows[i] = _refused_row(err, n)
     ran: dict[str, str] = {}  # where the model ran, for the small print
+    ran_on: dict[int, str] = {}  # request -> the checkpoint that served it
 
     def counted(part: dict[int, Any]) -> dict[int, Any]:
         out, device, checkpoint = call(part)
-        ran.update(device=device, checkpoint=checkpoint)
+        ran.update(device=device)
+        ran_on.update(checkpoint if isinstance(checkpoint, dict) else dict.fromkeys(part, checkpoint))
         return out
 
     served = set()
@@ -261,7 +303,7 @@ def serve_batch(n: int, prepare: Callable[[int, str | None], Any],
             rows[i] = result
             served.add(i)
     seconds = time.monotonic() - start
-    infos = [run_info(ran["device"], ran["checkpoint"], adapters[i], seconds, n) if i in served else ""
+    infos = [run_info(ran["device"], ran_on.get(i), adapters[i], seconds, n) if i in served else ""
              for i in range(n)]
     return rows, infos
 
@@ -307,11 +349,7 @@ def empty_table(headers: list[str]):
     return pd.DataFrame(columns=list(headers))
 
 
-def model_name(checkpoint: str | None) -> str:
-    """How the page names a checkpoint: a Hub id as it is, a local folder by its last part (never a server path)."""
-    text = str(checkpoint or "")
-    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.path.isdir(text)
-    return Path(text).name if local else text
+model_name = checkpoint_name  # how the page names a checkpoint: a Hub id, or a local folder's own name
 
 
 def device_label(device: str, dtype: Any = None) -> str:

@@ -33,8 +33,8 @@ from mmdemo.data import example_zip, plural
 from mmdemo.errors import InputError, JobError, MMDemoError
 from mmdemo.jobs.evaluate import METRICS, verdict
 from mmdemo.models.registry import TASKS
-from mmdemo.ui.common import file_path, owner_of, user_errors
-from mmdemo.ui.context import CHECK_CONCURRENCY, UIContext
+from mmdemo.ui.common import BASE, file_path, owner_of, user_errors
+from mmdemo.ui.context import CHECK_CONCURRENCY, DETAILED, UIContext
 
 TITLE = "Fine-tune"
 log = logging.getLogger(__name__)
@@ -44,8 +44,10 @@ TASK_HELP = {
     "vqa": "images with questions and answers: `metadata.csv` with the columns `file_name,question,answer` "
            "(several rows per image are fine)",
     "retrieval": "sound clips, each with a description: `metadata.csv` with the columns `file_name,text`",
+    "image_search": "images, each with a description to find it by: `metadata.csv` with the columns "
+                    "`file_name,text`",
 }
-TAB_OF_TASK = {"caption": "Caption", "vqa": "Visual QA", "retrieval": "Audio search"}
+TAB_OF_TASK = {"caption": "Caption", "vqa": "Visual QA", "retrieval": "Audio search", "image_search": "Image search"}
 PRESET_HELP = {"quick": "Quick: a few minutes (rank 8, at least 60 steps)",
                "balanced": "Balanced: about twice as long (rank 16, at least 150 steps)",
                "thorough": "Thorough: about five times as long (rank 32, at least 300 steps)"}
@@ -69,7 +71,7 @@ ADAPTER_HEADERS = ["name", "task", "created (UTC)", "preset", "score on held-out
 METRIC_HEADERS = ["measure", "base model", "fine-tuned", "change"]
 EXAMPLE_HEADERS = ["example", "fine-tuned model", "expected", "base model"]
 PREVIEW_HEADERS = {"caption": ["file_name", "text"], "vqa": ["file_name", "question", "answer"],
-                   "retrieval": ["file_name", "text"]}
+                   "retrieval": ["file_name", "text"], "image_search": ["file_name", "text"]}
 STAGES = ("checking the dataset", "loading the base model", "preparing the examples", "scoring the base model",
           "training", "scoring the fine-tuned model", "saving the adapter")
 STAGE_START = (0, 2, 4, 6, 10, 90, 96, 100)  # overall percent at which each stage starts (training is most)
@@ -195,6 +197,24 @@ def _plan_words(plan: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ submit
+def base_model_names(ctx, task: str) -> list[str]:
+    """The base models a ``task`` adapter can be trained on: ``base`` (the tab's default) and the tab's others."""
+    if task not in TASKS:
+        return [BASE]
+    return [BASE, *(n for n in ctx.base_models(task).names() if not n.endswith(DETAILED))]
+
+
+def base_checkpoint(ctx, task: str, name: str | None) -> str | None:
+    """The checkpoint of the base model chosen by ``name`` (empty: the tab's default); a sentence for another."""
+    if task not in TASKS or not name or name == BASE:
+        return ctx.checkpoint(task) if task in TASKS else None
+    entries = ctx.base_models(task).entries()
+    if name not in entries or name.endswith(DETAILED):
+        raise InputError(f"{name} is not a base model of the {TASKS[task].title} tab; choose one of "
+                         f"{', '.join(base_model_names(ctx, task))}.")
+    return entries[name][0]
+
+
 def submit(upload, task, preset, epochs, lr, rank, alpha, batch_size, browser_id,
            profile: gr.OAuthProfile | None = None, *, checkpoint: str | None = None, name: str | None = None,
            min_steps=None) -> str:
@@ -873,6 +893,10 @@ def build(ctx: UIContext) -> None:
                                  "images, or find sounds by their description.")
             task_help = gr.Markdown(f"A zip of {TASK_HELP['caption']}. Optional `train/` and `test/` folders; "
                                     f"otherwise about 10% is held out to measure the result.")
+            base_model = gr.Dropdown(base_model_names(ctx, "caption"), value="base", label="Base model",
+                                     elem_id="ft-base-model",
+                                     info="The model the adapter is trained on and used with: base is the tab's "
+                                          "default model; the adapter appears in the Model list beside it.")
             with gr.Row():
                 example_btn = gr.Button("Download an example dataset", size="sm", elem_id="ft-example-btn")
                 example_file = gr.File(label="Example dataset", interactive=False, elem_id="ft-example",
@@ -972,11 +996,15 @@ def build(ctx: UIContext) -> None:
         trigger(plan_text, [counts, preset, *field_list], plan, **private, queue=False)
 
     def submit_handler(dataset, task, preset, epochs, learning_rate, rank, alpha, batch_size, browser_id,
-                       adapter_name=None, min_steps=None, profile: gr.OAuthProfile | None = None) -> str:
+                       adapter_name=None, min_steps=None, base_model=None,
+                       profile: gr.OAuthProfile | None = None) -> str:
         return submit(dataset, task, preset, epochs, learning_rate, rank, alpha, batch_size, browser_id, profile,
-                      checkpoint=ctx.checkpoint(task), name=adapter_name, min_steps=min_steps)
+                      checkpoint=base_checkpoint(ctx, task, base_model), name=adapter_name, min_steps=min_steps)
 
-    submit_inputs = [upload, task, preset, *(fields[f] for f in FIELDS[:5]), browser_id, name, fields["min_steps"]]
+    task.change(lambda t: gr.update(choices=base_model_names(ctx, t), value="base"), task, base_model, **private,
+                queue=False)
+    submit_inputs = [upload, task, preset, *(fields[f] for f in FIELDS[:5]), browser_id, name, fields["min_steps"],
+                     base_model]
     submitted = go.click(user_errors(submit_handler), submit_inputs, job_id, api_name="finetune_submit")
     submitted.success(user_errors(submitted_text), [job_id, browser_id], submit_msg, **private, queue=False)
 
