@@ -240,7 +240,7 @@ def examples() -> list[list]:
 def build(ctx: UIContext) -> None:
     checkpoints = {task: ctx.checkpoint(task) for task in TASKS}
     bases = {task: ctx.base_models(task) for task in TASKS}
-    gr.Markdown(f"Run one image through the base model and each of your adapters, and see their captions (or "
+    gr.Markdown(f"Run one image through every base model of the task and each of your adapters, and see their captions (or "
                 f"answers) side by side with the time each took. At most {MAX_MODELS} models per comparison; an "
                 f"adapter's first run includes loading it, so compare twice for steady times.")
     with gr.Row():
