@@ -76,14 +76,16 @@ def test_finetune_bench_smoke(tmp_path):
     """bench/finetune.py on the tiny models: both sides train the same steps, finetune's phases are timed from its
     progress records, and a job goes through the real queue (submit, dispatcher, worker) to done."""
     env = {**os.environ, "MMDEMO_BENCH_CACHE": str(tmp_path), "MMDEMO_DEVICE": "cpu", "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/finetune.py", "--tiny", "--quick"], cwd=ROOT, env=env,
+    # captioning only: the retrieval side runs the same code with another PREPARE step, and each task costs ~40 s
+    proc = subprocess.run([sys.executable, "bench/finetune.py", "--tiny", "--quick", "--tasks", "caption"], cwd=ROOT,
+                          env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     record = json.loads(lines[-1])
     detail = next(json.loads(line) for line in lines if line.startswith('{"detail"'))["detail"]
     assert record["bench"] == "finetune (tiny smoke)"
-    for task in ("caption", "retrieval"):
+    for task in ("caption",):
         rows = [r for r in record["rows"] if r["measure"].startswith(f"{task}: ")]
         assert float(rows[0]["ratio"][:-1]) > 0 and "samples/s" in rows[0]["measure"]
         project, plain = detail[task]["runs"]["project"][0], detail[task]["runs"]["plain"][0]

@@ -252,7 +252,7 @@ def test_recall_at_k_gives_no_credit_for_ties_of_a_model_that_embeds_everything_
 def test_metrics_carry_the_papers_names_and_are_shown_x100():
     assert [m.label for m in METRICS.values()] == [
         "BLEU-4", "CIDEr", "VQA accuracy", "R@1 text-to-audio", "R@5 text-to-audio", "R@1 audio-to-text",
-        "R@5 audio-to-text"]
+        "R@5 audio-to-text", "R@1 text-to-image", "R@5 text-to-image", "R@1 image-to-text", "R@5 image-to-text"]
     assert METRICS["bleu4"].show(0.3976) == "39.8" and METRICS["cider"].show(1.333) == "133.3"
     assert METRICS["accuracy"].show(0.5) == "50%" and METRICS["text_to_audio_r1"].show(1.0) == "100%"
     assert METRICS["bleu4"].show(None) == "—"
