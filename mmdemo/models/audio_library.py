@@ -30,7 +30,7 @@ from mmdemo.archive import extract_zip
 from mmdemo.config import folder_problem, get_settings
 from mmdemo.errors import InputError, MMDemoError
 from mmdemo.media import AUDIO_EXTENSIONS, file_sha256, store_copy
-from mmdemo.models.generation import check_text
+from mmdemo.models import generation
 from mmdemo.models.loading import Loaded
 from mmdemo.models.retrieval import AudioIndex, Embedder, find_audio_files
 
@@ -213,20 +213,9 @@ def check_top_k(value) -> int:
 
 
 def check_query(text: str | None, loaded: Loaded) -> str:
-    text = (text or "").strip()
-    if not text:
-        raise InputError("Type some text to search for, such as 'a high beep'.")
-    check_text(loaded, text, "search text", MAX_TEXT_CHARS)
-    return text
+    return generation.check_query(loaded, text, "a high beep", MAX_TEXT_CHARS)
 
 
 def split_labels(labels: str | None, loaded: Loaded) -> list[str]:
     """The comma- or line-separated labels, each within the model's text limit, at most ``MAX_LABELS``."""
-    found = [lab.strip() for lab in re.split(r"[,\n]", labels or "") if lab.strip()]
-    if not found:
-        raise InputError("Write at least one label to rank, such as 'beep, rain, siren'.")
-    if len(found) > MAX_LABELS:
-        raise InputError(f"{len(found)} labels were given; rank at most {MAX_LABELS} at a time.")
-    for label in found:
-        check_text(loaded, label, "label", MAX_TEXT_CHARS)
-    return list(dict.fromkeys(found))  # a label given twice is ranked once
+    return generation.split_labels(loaded, labels, "beep, rain, siren", MAX_LABELS, MAX_TEXT_CHARS)

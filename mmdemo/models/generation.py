@@ -103,3 +103,26 @@ def check_text(loaded, text: str, what: str, max_chars: int = 1_000) -> None:
     n = count_tokens(loaded, text)
     if n > limit:
         raise InputError(f"The {what} is {n} tokens long; this model reads at most {limit}; shorten it.")
+
+
+def check_query(loaded, text: str | None, example: str, max_chars: int = 300) -> str:
+    """A search text, stripped; a sentence (naming ``example``) when it is empty or longer than the model reads."""
+    text = (text or "").strip()
+    if not text:
+        raise InputError(f"Type some text to search for, such as '{example}'.")
+    check_text(loaded, text, "search text", max_chars)
+    return text
+
+
+def split_labels(loaded, labels: str | None, example: str, most: int = 50, max_chars: int = 300) -> list[str]:
+    """The comma- or line-separated labels, each within the model's text limit, at most ``most``, each once."""
+    import re
+
+    found = [lab.strip() for lab in re.split(r"[,\n]", labels or "") if lab.strip()]
+    if not found:
+        raise InputError(f"Write at least one label to rank, such as '{example}'.")
+    if len(found) > most:
+        raise InputError(f"{len(found)} labels were given; rank at most {most} at a time.")
+    for label in found:
+        check_text(loaded, label, "label", max_chars)
+    return list(dict.fromkeys(found))  # a label given twice is ranked once
