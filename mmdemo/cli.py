@@ -191,6 +191,36 @@ def cmd_library(args) -> int:
     return 0
 
 
+def cmd_images(args) -> int:
+    """The app's shared image library (under MMDEMO_HOME), through the same service as the Image search tab."""
+    from mmdemo.models import image_search as lib
+    from mmdemo.models.loading import load
+
+    loaded = load("image_search", args.model, device=args.device)
+    seed = lib.bundled_images()  # a new library starts with the bundled pictures, as the tab's does
+    if args.action == "add":
+        report, index = lib.add_images(args.files, lib.ImageEmbedder(loaded), seed=seed)
+        for why in report.problems:
+            _emit({"status": "failed", "reason": why})
+        _emit({"added": len(report.added), "duplicates": len(report.duplicates), "failed": len(report.problems),
+               "total": len(index.images)})
+        return 2 if args.strict and report.problems else 0
+    if args.action == "list":
+        for image in lib.library_images(loaded.checkpoint, seed):
+            _emit({"image": image.name, "width": image.width, "height": image.height})
+        return 0
+    emb = lib.ImageEmbedder(loaded, args.adapter)
+    k = lib.check_top_k(args.top_k)
+    if args.text is not None:
+        hits = lib.search_text(args.text, emb, k, seed=seed)
+    else:
+        labels = [] if args.labels is None else lib.classify_image(args.image, args.labels, emb, k)
+        hits = labels + lib.similar_images(args.image, emb, k, seed=seed)
+    for hit in hits:
+        _emit(hit.record())
+    return 0
+
+
 def cmd_tiny_models(args) -> int:
     from mmdemo.models.tiny import write_tiny_models
 
@@ -306,6 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
         model_flags(q, "retrieval")
     p.set_defaults(func=cmd_library)
 
+    p = sub.add_parser("images", help="the app's shared image library under MMDEMO_HOME (the Image search tab's)")
+    img_sub = p.add_subparsers(dest="action", required=True)
+    q = img_sub.add_parser("add", help="add images or zips of them")
+    q.add_argument("files", nargs="+", metavar="FILE_OR_ZIP")
+    q.add_argument("--strict", action="store_true", help="exit 2 if any file could not be added")
+    q = img_sub.add_parser("list", help="the images in the library, newest first")
+    q = img_sub.add_parser("search", help="rank the library's images by a text, or by an image (and labels)")
+    how = q.add_mutually_exclusive_group(required=True)
+    how.add_argument("--text")
+    how.add_argument("--image", metavar="FILE")
+    q.add_argument("--labels", help="comma-separated candidate texts to rank for an --image query")
+    q.add_argument("--top-k", type=_positive, default=5)
+    for q in img_sub.choices.values():
+        model_flags(q, "image_search")
+    p.set_defaults(func=cmd_images)
+
     p = sub.add_parser("tiny-models", help="write tiny random-weight checkpoints for tests and demos")
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(func=cmd_tiny_models)
@@ -320,8 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command with the settings the environment gives, read once and installed for the command (a
+    command's ``--model`` and ``--device`` are passed to it as arguments, not through the environment)."""
+    from mmdemo.config import Settings, install
+    from mmdemo.models.loading import check_task_names
+
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    try:
+        settings = Settings.from_env()
+        check_task_names(settings)
+    except MMDemoError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    previous = install(settings)
     try:
         return args.func(args)
     except MMDemoError as err:
@@ -330,3 +388,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
         return 130
+    finally:
+        install(previous)

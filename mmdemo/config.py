@@ -1,10 +1,18 @@
-"""Settings read from the environment (``MMDEMO_*``), as a small validated dataclass.
+"""Settings read from the environment (``MMDEMO_*``) and the command line, as one small validated dataclass.
+
+A program builds its :class:`Settings` once (``Settings.from_env().with_flags(...)``), makes it the process's
+with :func:`install` and passes it down; :func:`get_settings` returns the installed one. Where none is installed
+(library use, the tests) it reads the environment at each call, so a changed environment is seen at once.
+Nothing writes settings back into ``os.environ``: a job worker gets them through its own environment, built by
+:meth:`Settings.to_env`.
 
 Env vars:
     MMDEMO_HOME              where adapters, indexes, the job database and runs live (default ``checkpoints``)
-    MMDEMO_CAPTION_MODEL     captioning checkpoint, Hub id or local folder
-    MMDEMO_VQA_MODEL         visual question answering checkpoint
-    MMDEMO_RETRIEVAL_MODEL   text/audio retrieval checkpoint
+    MMDEMO_<TASK>_MODEL      a task's checkpoint, Hub id or local folder: MMDEMO_CAPTION_MODEL, MMDEMO_VQA_MODEL,
+                             MMDEMO_RETRIEVAL_MODEL, MMDEMO_IMAGE_SEARCH_MODEL (the task is the middle part,
+                             lowercased; the model registry rejects a name that is no task)
+    MMDEMO_<TASK>_MORE_MODELS the other base models a task's Model list offers, comma-separated Hub ids or folders,
+                             or ``none`` (default: the registry's, e.g. Florence-2 and SmolVLM for captions)
     MMDEMO_DEVICE            cuda, cuda:1, mps or cpu (default: the best available)
     MMDEMO_DTYPE             bfloat16, float16 or float32 (default: bf16 on a CUDA GPU with it, else fp32)
     MMDEMO_MAX_IMAGE_PIXELS, MMDEMO_MAX_IMAGE_MB, MMDEMO_MAX_AUDIO_MB, MMDEMO_MAX_AUDIO_SECONDS  input limits
@@ -16,27 +24,38 @@ Env vars:
                              and its per-step progress records; fractions allowed; ``0`` or ``forever`` keeps them
                              forever (default 7). The job's record, scores and adapter stay: adapters are kept
                              until their owner deletes them.
+    MMDEMO_JOB_SLOTS         fine-tuning jobs running at once (default: one per GPU, 1 on CPU)
+    MMDEMO_GPU_CONCURRENCY   model calls of the web app running at once, all tabs together (default 1)
+    MMDEMO_QUEUE_SIZE        requests waiting in the web app's queue (default 64)
+    MMDEMO_MCP               1 also serves the model tools to MCP clients (default 0: off)
+    GRADIO_SERVER_NAME       address the web app listens on (default: Gradio's, 127.0.0.1)
+    GRADIO_SERVER_PORT       port of the web app (default 7860)
 
 :func:`ensure_writable` checks that a data folder (``MMDEMO_HOME``) can be written before anything relies on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
+import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mmdemo.errors import InputError
 
 _DTYPES = ("bfloat16", "float16", "float32")
+_MB = 1024 * 1024
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
         return default
     try:
         return float(raw)
@@ -44,9 +63,9 @@ def _env_float(name: str, default: float) -> float:
         raise InputError(f"{name} must be a number, but it is {raw!r}.") from None
 
 
-def _env_days(name: str, default: float) -> float:
+def _env_days(env: Mapping[str, str], name: str, default: float) -> float:
     """A number of days; ``forever`` (any case) is 0, which means no limit."""
-    raw = (os.environ.get(name) or "").strip()
+    raw = (env.get(name) or "").strip()
     if not raw:
         return default
     if raw.lower() == "forever":
@@ -62,8 +81,8 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    raw = (os.environ.get(name) or "").strip().lower()
+def _env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
     if not raw:
         return default
     if raw in _TRUE:
@@ -73,14 +92,50 @@ def _env_flag(name: str, default: bool) -> bool:
     raise InputError(f"{name} must be 1 (on) or 0 (off), but it is {raw!r}.")
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
+def _env_int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
         return int(raw)
     except ValueError:
         raise InputError(f"{name} must be a whole number, but it is {raw!r}.") from None
+
+
+# MMDEMO_<TASK>_MODEL and MMDEMO_<TASK>_MORE_MODELS, for any task: this layer does not know the registry
+_MODEL_VAR = re.compile(r"MMDEMO_(?P<task>[A-Z0-9_]+?)_(?P<more>MORE_)?MODELS?")
+
+
+def model_var(task: str, more: bool = False) -> str:
+    """The env var of a task's checkpoint (``MMDEMO_CAPTION_MODEL``) or other base models (``..._MORE_MODELS``)."""
+    return f"MMDEMO_{task.upper()}_{'MORE_MODELS' if more else 'MODEL'}"
+
+
+def _model_var_task(name: str) -> tuple[str, bool] | None:
+    """(task, more) for a task model env var name, else ``None``."""
+    match = _MODEL_VAR.fullmatch(name)
+    if match is None or name.endswith("_MORE_MODEL") or (name.endswith("MODELS") and not match["more"]):
+        return None
+    return match["task"].lower(), bool(match["more"])
+
+
+def parse_checkpoints(name: str, raw: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of checkpoints (``MMDEMO_<TASK>_MORE_MODELS`` or its flag): ``None`` when not given
+    (the registry's list applies), ``()`` for ``none``, else the checkpoints in order without repeats."""
+    if raw is None or not raw.strip():
+        return None
+    if raw.strip().lower() == "none":
+        return ()
+    checkpoints = tuple(dict.fromkeys(c.strip() for c in raw.split(",") if c.strip()))
+    if not checkpoints:
+        raise InputError(f"{name} must list checkpoints (Hub ids or folders) separated by commas, or be none, "
+                         f"but it is {raw!r}.")
+    return checkpoints
+
+
+def is_settings_var(name: str) -> bool:
+    """Whether the environment variable ``name`` is read by :meth:`Settings.from_env`."""
+    return name in SETTINGS_VARS or _model_var_task(name) is not None
 
 
 @dataclass(frozen=True)
@@ -104,21 +159,36 @@ class Limits:
             )
 
     @classmethod
-    def from_env(cls) -> Limits:
-        mb = 1024 * 1024
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
+        env = os.environ if environ is None else environ
         return cls(
-            max_image_pixels=int(_env_float("MMDEMO_MAX_IMAGE_PIXELS", cls.max_image_pixels)),
-            max_image_bytes=int(_env_float("MMDEMO_MAX_IMAGE_MB", cls.max_image_bytes / mb) * mb),
-            max_audio_bytes=int(_env_float("MMDEMO_MAX_AUDIO_MB", cls.max_audio_bytes / mb) * mb),
-            max_audio_seconds=_env_float("MMDEMO_MAX_AUDIO_SECONDS", cls.max_audio_seconds),
-            min_audio_seconds=_env_float("MMDEMO_MIN_AUDIO_SECONDS", cls.min_audio_seconds),
+            max_image_pixels=int(_env_float(env, "MMDEMO_MAX_IMAGE_PIXELS", cls.max_image_pixels)),
+            max_image_bytes=int(_env_float(env, "MMDEMO_MAX_IMAGE_MB", cls.max_image_bytes / _MB) * _MB),
+            max_audio_bytes=int(_env_float(env, "MMDEMO_MAX_AUDIO_MB", cls.max_audio_bytes / _MB) * _MB),
+            max_audio_seconds=_env_float(env, "MMDEMO_MAX_AUDIO_SECONDS", cls.max_audio_seconds),
+            min_audio_seconds=_env_float(env, "MMDEMO_MIN_AUDIO_SECONDS", cls.min_audio_seconds),
         )
+
+    def to_env(self) -> dict[str, str]:
+        # bytes / 2**20 is exact in a float, so the MB values read back to the same byte counts
+        return {
+            "MMDEMO_MAX_IMAGE_PIXELS": str(self.max_image_pixels),
+            "MMDEMO_MAX_IMAGE_MB": repr(self.max_image_bytes / _MB),
+            "MMDEMO_MAX_AUDIO_MB": repr(self.max_audio_bytes / _MB),
+            "MMDEMO_MAX_AUDIO_SECONDS": repr(float(self.max_audio_seconds)),
+            "MMDEMO_MIN_AUDIO_SECONDS": repr(float(self.min_audio_seconds)),
+        }
 
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of the app, the CLI and the job workers; see the module docstring for the env vars."""
+
     home: Path = Path("checkpoints")
     models: dict[str, str] = field(default_factory=dict)  # task name -> checkpoint override
+    # task name -> the other base models its Model list offers, replacing the registry's (``()``: none);
+    # a task not in it keeps the registry's list
+    more_models: dict[str, tuple[str, ...]] = field(default_factory=dict)
     device: str | None = None
     dtype: str | None = None
     limits: Limits = field(default_factory=Limits)
@@ -127,8 +197,16 @@ class Settings:
     keep_runs_days: float = 7.0
     # CPU fast mode (mmdemo.models.fast): int8 text/vision layers, exported CLAP audio encoder; not token-identical
     fast: bool = False
+    job_slots: int | None = None  # fine-tuning jobs running at once; None: one per GPU, 1 on CPU
+    gpu_concurrency: int = 1  # model calls of the web app running at once, all tabs together
+    queue_size: int = 64  # requests waiting in the web app's queue
+    mcp: bool = False  # also serve the model tools to MCP clients
+    host: str | None = None  # address the web app listens on; None: Gradio's default
+    port: int = 7860
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "home", Path(self.home))
+        object.__setattr__(self, "more_models", {task: tuple(c) for task, c in self.more_models.items()})
         if self.max_queued_jobs < 1:
             raise InputError(f"MMDEMO_MAX_QUEUED_JOBS must be 1 or more, not {self.max_queued_jobs}.")
         if not math.isfinite(self.keep_runs_days) or self.keep_runs_days < 0:
@@ -138,24 +216,98 @@ class Settings:
             raise InputError(f"MMDEMO_DTYPE must be one of {', '.join(_DTYPES)}, not {self.dtype!r}.")
         if self.device is not None and self.device.split(":")[0] not in ("cuda", "mps", "cpu"):
             raise InputError(f"MMDEMO_DEVICE must be cuda, cuda:N, mps or cpu, not {self.device!r}.")
+        for name, var in (("job_slots", "MMDEMO_JOB_SLOTS"), ("gpu_concurrency", "MMDEMO_GPU_CONCURRENCY (or "
+                          "--gpu-concurrency)"), ("queue_size", "MMDEMO_QUEUE_SIZE")):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{var} must be 1 or more, not {value}.")
+        if not 0 < self.port < 65536:
+            raise InputError(f"GRADIO_SERVER_PORT (--port) must be a port number from 1 to 65535, not {self.port}.")
+        for task, checkpoint in self.models.items():
+            if not str(checkpoint).strip():
+                raise InputError(f"{model_var(task)} must name a checkpoint (a Hub id or a folder), not be empty.")
 
     @classmethod
-    def from_env(cls) -> Settings:
-        models = {}
-        for task, var in (("caption", "MMDEMO_CAPTION_MODEL"), ("vqa", "MMDEMO_VQA_MODEL"),
-                          ("retrieval", "MMDEMO_RETRIEVAL_MODEL")):
-            if os.environ.get(var):
-                models[task] = os.environ[var]
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings ``environ`` (default: ``os.environ``) gives; a bad value raises one sentence."""
+        env = os.environ if environ is None else environ
+        models: dict[str, str] = {}
+        more: dict[str, tuple[str, ...]] = {}
+        for name in sorted(env):
+            which = _model_var_task(name)
+            if which is None:
+                continue
+            task, is_more = which
+            if is_more:
+                checkpoints = parse_checkpoints(name, env[name])
+                if checkpoints is not None:
+                    more[task] = checkpoints
+            elif env[name].strip():
+                models[task] = env[name].strip()
         return cls(
-            home=Path(os.environ.get("MMDEMO_HOME") or "checkpoints"),
+            home=Path(env.get("MMDEMO_HOME") or "checkpoints"),
             models=models,
-            device=os.environ.get("MMDEMO_DEVICE") or None,
-            dtype=os.environ.get("MMDEMO_DTYPE") or None,
-            limits=Limits.from_env(),
-            max_queued_jobs=_env_int("MMDEMO_MAX_QUEUED_JOBS", cls.max_queued_jobs),
-            keep_runs_days=_env_days("MMDEMO_KEEP_RUNS_DAYS", cls.keep_runs_days),
-            fast=_env_flag("MMDEMO_FAST", cls.fast),
+            more_models=more,
+            device=env.get("MMDEMO_DEVICE") or None,
+            dtype=env.get("MMDEMO_DTYPE") or None,
+            limits=Limits.from_env(env),
+            max_queued_jobs=_env_int(env, "MMDEMO_MAX_QUEUED_JOBS", cls.max_queued_jobs),
+            keep_runs_days=_env_days(env, "MMDEMO_KEEP_RUNS_DAYS", cls.keep_runs_days),
+            fast=_env_flag(env, "MMDEMO_FAST", cls.fast),
+            job_slots=_env_int(env, "MMDEMO_JOB_SLOTS", None),
+            gpu_concurrency=_env_int(env, "MMDEMO_GPU_CONCURRENCY", cls.gpu_concurrency),
+            queue_size=_env_int(env, "MMDEMO_QUEUE_SIZE", cls.queue_size),
+            mcp=_env_flag(env, "MMDEMO_MCP", cls.mcp),
+            host=(env.get("GRADIO_SERVER_NAME") or "").strip() or None,
+            port=_env_int(env, "GRADIO_SERVER_PORT", cls.port),
         )
+
+    def with_flags(self, **flags: Any) -> Settings:
+        """These settings with command-line values over them; a flag that is ``None`` was not given.
+
+        ``models`` and ``more_models`` are merged task by task (a flag for one task keeps the others), every
+        other name replaces the field of that name. Validated like :meth:`from_env`.
+        """
+        given = {name: value for name, value in flags.items() if value is not None}
+        if "models" in given:
+            given["models"] = {**self.models, **given["models"]}
+        if "more_models" in given:
+            given["more_models"] = {**self.more_models, **given["more_models"]}
+        if "home" in given:
+            given["home"] = Path(given["home"])
+        return dataclasses.replace(self, **given)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that make :meth:`from_env` give these settings again (for a job worker).
+
+        Every setting is written, defaults too, so the child does not fall back on what its parent's environment
+        said when it differs from these settings (flags win over the environment).
+        """
+        env = {
+            "MMDEMO_HOME": str(self.home),
+            **{model_var(task): checkpoint for task, checkpoint in self.models.items()},
+            **{model_var(task, more=True): ",".join(checkpoints) or "none"
+               for task, checkpoints in self.more_models.items()},
+            **self.limits.to_env(),
+            "MMDEMO_MAX_QUEUED_JOBS": str(self.max_queued_jobs),
+            "MMDEMO_KEEP_RUNS_DAYS": repr(float(self.keep_runs_days)),
+            "MMDEMO_FAST": "1" if self.fast else "0",
+            "MMDEMO_GPU_CONCURRENCY": str(self.gpu_concurrency),
+            "MMDEMO_QUEUE_SIZE": str(self.queue_size),
+            "MMDEMO_MCP": "1" if self.mcp else "0",
+            "GRADIO_SERVER_PORT": str(self.port),
+        }
+        for name, value in (("MMDEMO_DEVICE", self.device), ("MMDEMO_DTYPE", self.dtype),
+                            ("MMDEMO_JOB_SLOTS", self.job_slots), ("GRADIO_SERVER_NAME", self.host)):
+            if value is not None:
+                env[name] = str(value)
+        return env
+
+    def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default: ``os.environ``) with its settings variables replaced by :meth:`to_env`'s: the
+        environment of a subprocess that must run with exactly these settings. ``base`` is not changed."""
+        base = os.environ if base is None else base
+        return {**{k: v for k, v in base.items() if not is_settings_var(k)}, **self.to_env()}
 
     @property
     def keep_runs_seconds(self) -> float | None:
@@ -180,9 +332,29 @@ class Settings:
         return self.home / "jobs.sqlite3"
 
 
+# the fixed-name variables from_env reads (the task model variables are matched by pattern: is_settings_var)
+SETTINGS_VARS = frozenset((
+    "MMDEMO_HOME", "MMDEMO_DEVICE", "MMDEMO_DTYPE", "MMDEMO_MAX_IMAGE_PIXELS", "MMDEMO_MAX_IMAGE_MB",
+    "MMDEMO_MAX_AUDIO_MB", "MMDEMO_MAX_AUDIO_SECONDS", "MMDEMO_MIN_AUDIO_SECONDS", "MMDEMO_MAX_QUEUED_JOBS",
+    "MMDEMO_KEEP_RUNS_DAYS", "MMDEMO_FAST", "MMDEMO_JOB_SLOTS", "MMDEMO_GPU_CONCURRENCY", "MMDEMO_QUEUE_SIZE",
+    "MMDEMO_MCP", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT",
+))
+
+_INSTALLED: Settings | None = None
+
+
+def install(settings: Settings | None) -> Settings | None:
+    """Make ``settings`` this process's settings (what :func:`get_settings` returns); ``None`` goes back to
+    reading the environment. Returns the settings installed before, so a caller can put them back."""
+    global _INSTALLED
+    previous, _INSTALLED = _INSTALLED, settings
+    return previous
+
+
 def get_settings() -> Settings:
-    """Settings as the environment says now (cheap; read again so tests can change the environment)."""
-    return Settings.from_env()
+    """The installed settings (see :func:`install`); with none installed, the settings the environment gives now
+    (cheap; read again at each call so tests and library users can change the environment)."""
+    return _INSTALLED if _INSTALLED is not None else Settings.from_env()
 
 
 # ------------------------------------------------------------------------------------------- data folder

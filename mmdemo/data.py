@@ -37,9 +37,6 @@ SPLIT_SEED = 1234
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 IGNORED_SUFFIXES = {".csv", ".jsonl", ".json", ".txt", ".md"}
 
-COLUMNS = {"caption": ("text",), "vqa": ("question", "answer"), "retrieval": ("text",), "image_search": ("text",)}
-
-
 @dataclass(frozen=True)
 class Problem:
     file: str  # path relative to the dataset root ("" for the dataset as a whole, or the archive's name)
@@ -187,7 +184,7 @@ def _check_media(path: Path, modality: str) -> None:
 def _read_split(folder: Path, root: Path, task: str, modality: str, report: DatasetReport) -> list[Example]:
     """Examples of one folder with a metadata file; every problem goes to the report."""
     problems = report.problems
-    columns = COLUMNS[task]
+    columns = get_task(task).columns
     exts = IMAGE_EXTENSIONS if modality == "image" else AUDIO_EXTENSIONS
     kind = "image" if modality == "image" else "audio"
     meta = _metadata_file(folder)
@@ -403,16 +400,16 @@ def write_example_dataset(task: str, folder: str | Path) -> Path:
     """
     import numpy as np
 
-    get_task(task)
+    example_kind = get_task(task).examples
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    if task in ("caption", "vqa", "image_search"):
+    if example_kind in ("shapes", "shape questions"):
         from PIL import Image, ImageDraw
 
         for color in EXAMPLE_COLORS:
             for shape in EXAMPLE_SHAPES:
-                for k, (size, offset) in enumerate(((40, 8), (28, 20)) if task != "vqa" else ((40, 8),)):
+                for k, (size, offset) in enumerate(((40, 8), (28, 20)) if example_kind == "shapes" else ((40, 8),)):
                     name = f"{color}_{shape}_{k}.png"
                     img = Image.new("RGB", (64, 64), "white")
                     draw = ImageDraw.Draw(img)
@@ -425,7 +422,7 @@ def write_example_dataset(task: str, folder: str | Path) -> Path:
                         draw.polygon([(offset + size // 2, offset), (offset, offset + size),
                                       (offset + size, offset + size)], fill=color)
                     img.save(folder / name)
-                    if task == "vqa":
+                    if example_kind == "shape questions":
                         rows.append({"file_name": name, "question": "what color is the shape?", "answer": color})
                         rows.append({"file_name": name, "question": "what shape is it?", "answer": shape})
                     else:

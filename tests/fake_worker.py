@@ -10,7 +10,10 @@ in its own session, with ``MMDEMO_HOME`` set. No model is loaded; each start and
 - ``stubborn``: ignores SIGTERM (each is written down), with a child in its process group that ignores it too;
   only SIGKILL stops them;
 - ``worker-sleep``, ``worker-fail``: the real worker (:func:`mmdemo.jobs.worker.main`: pid, heartbeats, signals,
-  outcomes) around a fake training that sleeps until stopped, or raises an unexpected error at once.
+  outcomes) around a fake training that sleeps until stopped, or raises an unexpected error at once;
+- ``worker-settings``: the real worker around a fake training that writes what it would train with (the worker's
+  settings, the checkpoint, the adapter folder, whether it saw ``HF_TOKEN``) to ``runs/JOB_ID/settings.json``
+  and succeeds.
 """
 
 from __future__ import annotations
@@ -31,11 +34,24 @@ def note(job_id: str, line: str) -> None:
 
 
 def real_worker(job_id: str, behaviour: str) -> int:
+    import json
+
     import mmdemo.jobs.train as train
+    from mmdemo.config import get_settings
     from mmdemo.jobs import worker
+    from mmdemo.models.loading import more_checkpoints, resolve_checkpoint
+
+    token_seen = "HF_TOKEN" in os.environ  # before worker.main, which drops it
 
     def finetune(*args, should_stop, progress, **kwargs):
         note(job_id, "training")  # main() has installed the worker's SIGTERM handler by now
+        if behaviour == "worker-settings":
+            task, settings = args[0], get_settings()
+            seen = {"home": str(settings.home), "checkpoint": resolve_checkpoint(task, kwargs.get("model")),
+                    "more": more_checkpoints(task), "out": str(args[2]), "fast": settings.fast,
+                    "hf_token": token_seen, "env": settings.to_env()}
+            (Path(os.environ["MMDEMO_HOME"]) / "runs" / job_id / "settings.json").write_text(json.dumps(seen))
+            return {"adapter": str(args[2])}
         progress(train.Progress("training", step=1, total=100, loss=1.0))
         if behaviour == "worker-fail":
             raise RuntimeError("fake training broke")

@@ -80,7 +80,7 @@ def test_project_errors_reach_the_client_as_their_sentence(served, tmp_path):
 
 def test_concurrent_caption_requests_share_forward_passes(served, tmp_path, monkeypatch):
     """16 users at once are served in fewer forward passes than requests (Gradio batch=True)."""
-    from mmdemo.models import caption as caption_model
+    from mmdemo.models import blip as caption_model  # the BLIP family's batches
 
     passes: list[int] = []
     lock = threading.Lock()

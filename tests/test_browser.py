@@ -50,6 +50,9 @@ def page(app_url):
         pg.set_default_timeout(TIMEOUT_MS)
         pg.goto(app_url)
         expect(pg.locator("#model-status")).to_contain_text("ready", timeout=TIMEOUT_MS)
+        # the Caption tab's other base models are named too, with when they load
+        expect(pg.locator("#model-status")).to_contain_text("Caption (florence2): loads when first chosen in the "
+                                                            "Model list")
         yield pg
         browser.close()
 

@@ -198,3 +198,33 @@ def test_the_library_command_and_the_audio_tab_share_one_library(tiny_models, ho
     assert proc.returncode == 0, proc.stderr
     assert [r["path"].rsplit("/", 1)[-1] for r in records(proc)] == [r[1] for r in rows]  # the tab's ranking
     assert_one_sentence(run_cli("library", "search", "--text", "  ", "--model", ck), "Type some text to search for")
+
+
+def test_the_images_command_and_the_image_tab_share_one_library(tiny_models, home, tmp_path):
+    """``python -m mmdemo images`` adds to, lists and searches the app's own image library (MMDEMO_HOME), through
+    the same service as the Image search tab: an image added by the CLI is in the tab's list and its search, and
+    the CLI ranks as the tab does."""
+    from mmdemo.ui import images
+
+    ck = tiny_models["image_search"]
+    pic = make_image(tmp_path / "cli-square.png", "green", "square")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    proc = run_cli("images", "add", str(pic), str(notes), "--model", ck, "--strict")
+    assert proc.returncode == 2, proc.stderr  # --strict: a file could not be added
+    out = records(proc)
+    assert out[0]["status"] == "failed" and out[0]["reason"].startswith("notes.txt is not an image")
+    assert out[-1]["added"] == 1 and out[-1]["total"] == len(images.bundled_images()) + 1
+
+    assert images.library_rows(ck)[0][0] == "cli-square.png"  # the tab's list, newest first
+    table, _gallery, _info = images.search_images("a green square", 10, "base", None, checkpoint=ck)
+    assert "cli-square.png" in [r[1] for r in table]
+    assert records(run_cli("images", "list", "--model", ck))[0]["image"] == "cli-square.png"
+    proc = run_cli("images", "search", "--text", "a green square", "--top-k", "10", "--model", ck)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["path"].rsplit("/", 1)[-1] for r in records(proc)] == [r[1] for r in table]  # the tab's ranking
+    proc = run_cli("images", "search", "--image", str(pic), "--labels", "green, red", "--top-k", "2", "--model", ck)
+    out = records(proc)
+    assert sorted(r["label"] for r in out[:2]) == ["green", "red"]
+    assert out[2]["path"].endswith("cli-square.png") and out[2]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert_one_sentence(run_cli("images", "search", "--text", "  ", "--model", ck), "Type some text")

@@ -68,8 +68,8 @@ def test_off_by_default_and_the_setting(tiny_models, monkeypatch):
 def test_app_flag_turns_it_on(monkeypatch, home):
     from mmdemo.ui.app import configure, parse_args
 
-    configure(parse_args(["--fast", "--home", str(home)]))
-    assert get_settings().fast is True
+    assert configure(parse_args(["--fast", "--home", str(home)])).settings.fast is True
+    assert configure(parse_args(["--home", str(home)])).settings.fast is False
 
 
 def test_fast_not_on_other_dtypes(tiny_models):

@@ -39,7 +39,7 @@ def test_the_report_before_an_upload_is_a_hint_not_an_error(home):
     for task in ("caption", "vqa", "retrieval"):
         text, preview, counts = tab.validate(None, task)
         assert text.startswith("Upload a zip of your dataset") and counts is None
-        assert list(preview.columns) == tab.PREVIEW_HEADERS[task]  # headers, not 1 | 2 | 3
+        assert list(preview.columns) == tab.preview_headers(task)  # headers, not 1 | 2 | 3
 
 
 def test_reports_say_what_is_wrong_in_sentences(home, archive):

@@ -29,12 +29,12 @@ NOT_TOOLS = {"finetune_submit", "job_status", "job_cancel"}  # public for gradio
 
 
 def test_mcp_is_off_unless_asked(monkeypatch):
-    from mmdemo.ui.app import launch_kwargs, parse_args
+    from mmdemo.ui.app import app_settings, launch_kwargs, parse_args
 
     monkeypatch.delenv("MMDEMO_MCP", raising=False)
-    assert not parse_args([]).mcp and parse_args(["--mcp"]).mcp
+    assert not app_settings(parse_args([])).mcp and app_settings(parse_args(["--mcp"])).mcp
     monkeypatch.setenv("MMDEMO_MCP", "1")
-    assert parse_args([]).mcp
+    assert app_settings(parse_args([])).mcp
     # explicit False: Gradio alone would read GRADIO_MCP_SERVER and make every public endpoint a tool
     assert launch_kwargs(7860)["mcp_server"] is False and launch_kwargs(7860, mcp=True)["mcp_server"] is True
 

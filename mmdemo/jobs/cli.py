@@ -64,8 +64,10 @@ def cmd_finetune(args) -> int:
 
 
 def add_finetune_parser(subparsers) -> None:
+    from mmdemo.models.registry import TASKS  # light: reads the task modules' specs
+
     p = subparsers.add_parser("finetune", help="fine-tune a LoRA adapter on a dataset (zip or folder)")
-    p.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval", "image_search"])
+    p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, metavar="ZIP_OR_DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
     p.add_argument("--model", help="base checkpoint: Hub id or local folder (default: the task's)")

@@ -10,7 +10,10 @@ It runs as a daemon thread in the app (:func:`start_dispatcher`) or in the foreg
    a grace period), which frees the GPU;
 3. requeues running jobs whose worker is gone (the app or the machine was restarted): they resume from
    their last checkpoint; a worker that outlived the app (it runs in its own session) is left to finish;
-4. starts queued jobs while fewer than ``slots`` run (``MMDEMO_JOB_SLOTS``; default one per GPU, 1 on CPU);
+4. starts queued jobs while fewer than ``slots`` run (the settings' ``job_slots``, ``MMDEMO_JOB_SLOTS``; default
+   one per GPU, 1 on CPU). A worker runs with the dispatcher's settings (those it was given, else the
+   process's): their :meth:`~mmdemo.config.Settings.to_env` variables replace the inherited ones in the child's
+   environment only, so an app configured by flags trains with the same models and data folder;
 5. at its first step and every ``CLEAN_SECONDS`` after, deletes half-written files that interrupted processes
    left behind (one warning line says what) and cleans finished jobs older than ``MMDEMO_KEEP_RUNS_DAYS`` (see
    :mod:`mmdemo.jobs.retention`).
@@ -31,8 +34,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmdemo.config import folder_problem, get_settings
-from mmdemo.errors import JobError
+from mmdemo.config import Settings, folder_problem, get_settings, install
+from mmdemo.errors import JobError, MMDemoError
 from mmdemo.jobs.queue import Job, JobQueue, _signal, get_queue, pid_alive
 from mmdemo.jobs.retention import CLEAN_SECONDS, clean_expired, clean_leftovers, keep_words
 from mmdemo.jobs.worker import smaller_settings
@@ -65,10 +68,11 @@ def death_sentences(code: int, job: Job) -> tuple[str, str]:
     return cause, f"{cause}, and {tries}; read the job's log for the cause before you submit it again."
 
 
-def default_slots() -> int:
-    raw = os.environ.get("MMDEMO_JOB_SLOTS")
-    if raw:
-        return max(1, int(raw))
+def default_slots(settings: Settings | None = None) -> int:
+    """The settings' ``job_slots`` (``MMDEMO_JOB_SLOTS``) if set, else one per GPU, 1 on CPU."""
+    slots = (settings or get_settings()).job_slots
+    if slots:
+        return slots
     try:
         import torch
 
@@ -82,14 +86,15 @@ class Dispatcher:
 
     ``worker_command`` is the command a worker runs, the job id added at its end (default: ``python -m
     mmdemo.jobs.worker``; tests give a fake worker); ``kill_grace`` is how long a cancelled worker has from its
-    SIGTERM until the SIGKILL.
+    SIGTERM until the SIGKILL. ``settings`` are what workers run with (default: :func:`get_settings` at each use).
     """
 
     def __init__(self, queue: JobQueue | None = None, slots: int | None = None, poll: float = 0.5,
                  clean_every: float = CLEAN_SECONDS, worker_command: Sequence[str] = WORKER_COMMAND,
-                 kill_grace: float = KILL_GRACE_SECONDS):
-        self.queue: JobQueue = queue or get_queue()
-        self.slots = slots or default_slots()
+                 kill_grace: float = KILL_GRACE_SECONDS, settings: Settings | None = None):
+        self._given_settings = settings
+        self.queue: JobQueue = queue or get_queue(settings.home if settings is not None else None)
+        self.slots = slots or default_slots(settings)
         self.poll = poll
         self.clean_every = clean_every
         self.worker_command = tuple(worker_command)
@@ -100,6 +105,11 @@ class Dispatcher:
         self.cancel_seen: dict[str, float] = {}
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The settings workers run with: the ones given, else the process's now."""
+        return self._given_settings if self._given_settings is not None else get_settings()
 
     # ------------------------------------------------------------------------------------------------ steps
     def recover(self) -> None:
@@ -158,9 +168,10 @@ class Dispatcher:
                 _signal(job.pid, signal.SIGKILL)
 
     def start_jobs(self) -> None:
+        settings = self.settings  # a bad setting raises here, before a job is claimed
         while (job := self.queue.claim(self.slots)) is not None:
             try:
-                proc = self._spawn(job)
+                proc = self._spawn(job, settings)
             except OSError as err:
                 # no worker, so no attempt: the job waits in the queue until the folder can be written again
                 self.queue.release(job.id)
@@ -171,11 +182,14 @@ class Dispatcher:
             self.children[job.id] = proc
             self.queue.set_pid(job.id, proc.pid)
 
-    def _spawn(self, job: Job) -> subprocess.Popen:
+    def _spawn(self, job: Job, settings: Settings | None = None) -> subprocess.Popen:
         run_dir = self.queue.run_dir(job.id)
         run_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-        env["MMDEMO_HOME"] = str(self.queue.home)
+        # this process's environment with its settings variables replaced by the dispatcher's settings: the
+        # worker's get_settings() then equals them (parent's os.environ untouched); no token in a worker
+        env = (settings or self.settings).child_env()
+        env.pop("HF_TOKEN", None)
+        env["MMDEMO_HOME"] = str(self.queue.home.absolute())  # the queue's jobs live there; the worker's cwd differs
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -198,7 +212,7 @@ class Dispatcher:
             # download folders alone are routine
             say = log.warning if set(leftovers.counts) - {"download"} else log.info
             say("%s removed %s.", "Start-up clean-up" if first else "Clean-up", leftovers.summary())
-        settings = get_settings()
+        settings = self.settings
         expired = clean_expired(self.queue, settings.keep_runs_seconds)
         if expired:
             log.info("Deleted %s, finished more than %s ago (MMDEMO_KEEP_RUNS_DAYS); their adapters are kept.",
@@ -256,13 +270,17 @@ _DISPATCHERS: dict[str, Dispatcher] = {}
 _LOCK = threading.Lock()
 
 
-def start_dispatcher(home: str | Path | None = None, slots: int | None = None) -> Dispatcher:
-    """Start this process's dispatcher for ``MMDEMO_HOME`` once (idempotent)."""
-    queue = get_queue(home)
+def start_dispatcher(home: str | Path | None = None, slots: int | None = None,
+                     settings: Settings | None = None) -> Dispatcher:
+    """Start this process's dispatcher for ``home`` (default: the settings' data folder) once (idempotent).
+
+    Its workers run with ``settings`` (default: :func:`get_settings` when a job starts).
+    """
+    queue = get_queue(home if home is not None else settings.home if settings is not None else None)
     with _LOCK:
         key = str(queue.path)
         if key not in _DISPATCHERS:
-            _DISPATCHERS[key] = Dispatcher(queue, slots).start()
+            _DISPATCHERS[key] = Dispatcher(queue, slots, settings=settings).start()
         return _DISPATCHERS[key]
 
 
@@ -270,8 +288,10 @@ def main() -> int:
     """Run the dispatcher in the foreground until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        dispatcher = Dispatcher(get_queue())
-    except JobError as err:
+        settings = Settings.from_env()  # read once; its workers run with the same
+        install(settings)
+        dispatcher = Dispatcher(settings=settings)
+    except MMDemoError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     print(f"dispatcher: {dispatcher.queue.path}, {dispatcher.slots} slot(s)", file=sys.stderr, flush=True)

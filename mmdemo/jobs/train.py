@@ -3,12 +3,13 @@
 :func:`finetune` goes through the phases validating -> loading model -> preprocessing -> evaluating (base)
 -> training -> evaluating (adapter) -> saving, reporting each through ``progress`` (a callable taking a
 :class:`Progress`). Training is the transformers ``Trainer`` on a ``peft`` LoRA model (targets from the
-registry), with a ``TrainerCallback`` for progress, cancellation and checkpoints:
+registry), with a ``TrainerCallback`` for progress, cancellation and checkpoints. Nothing here is task- or
+model-specific: the task module's ``prepare`` (``mmdemo.models.<task>``) turns the dataset rows into training
+inputs, built by the model's family module (captions and answers: the model's own language-modelling loss on the
+reference tokens; the search tasks: CLAP's and SigLIP's own contrastive losses, ``return_loss=True``), and its
+``evaluate`` scores the held-out rows.
 
-- captioning and VQA use the model's own language-modelling loss (labels = the caption / answer tokens);
-- retrieval uses CLAP's symmetric contrastive loss (``return_loss=True``) with LoRA on both towers.
-
-Media are decoded and turned into model inputs once per job (pixel values, CLAP log-mel features) and kept
+Media are decoded and turned into model inputs once per job (pixel values, log-mel features) and kept
 as tensors, not decoded again each epoch. bf16 on a CUDA GPU that has it (base weights in bf16, LoRA weights
 in fp32 under autocast), fp32 elsewhere; a fixed seed. Checkpoints go to ``workdir/checkpoints`` every ~10%
 of the run, so an interrupted job resumes from the last one; the adapter is written to a temporary folder
@@ -31,7 +32,7 @@ from typing import Any
 from mmdemo.data import DatasetReport, Example, load_dataset
 from mmdemo.errors import InputError, JobError
 from mmdemo.models.loading import ADAPTER_META, checkpoint_name, resolve_checkpoint
-from mmdemo.models.registry import family_module
+from mmdemo.models.registry import get_task, task_module
 
 PHASES = ("validating", "loading model", "preprocessing", "evaluating", "training", "saving")
 
@@ -140,123 +141,6 @@ class Prepared:
 
     items: list[dict] = field(default_factory=list)
     collate: Callable[[list[dict]], dict] | None = None
-
-
-# --------------------------------------------------------------------------------------------- preprocessing
-def _pad(seqs: list, value: int):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return out, mask
-
-
-def _pixel_values(loaded, examples: list[Example]) -> dict[str, Any]:
-    from mmdemo.media import load_image
-
-    files = list(dict.fromkeys(e.file for e in examples))
-    path = {e.file: e.path for e in examples}
-    out = {}
-    for start in range(0, len(files), 32):
-        chunk = files[start:start + 32]
-        pv = loaded.processor(images=[load_image(path[f]) for f in chunk], return_tensors="pt")["pixel_values"]
-        out.update(zip(chunk, pv))
-    return out
-
-
-def _prepare_caption(loaded, examples: list[Example], seed: int = 0) -> Prepared:
-    tok = loaded.processor.tokenizer
-    pixels = _pixel_values(loaded, examples)
-    bos, pad = tok.bos_token_id, tok.pad_token_id
-    items = []
-    for e in examples:
-        ids = tok(e.text, truncation=True, max_length=40, return_tensors="pt")["input_ids"][0]
-        ids[0] = bos  # generation starts captions from [DEC], so training must too
-        items.append({"pixel_values": pixels[e.file], "input_ids": ids})
-
-    def collate(batch: list[dict]) -> dict:
-        import torch
-
-        ids, mask = _pad([b["input_ids"] for b in batch], pad)
-        labels = ids.masked_fill(mask == 0, -100)
-        return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "input_ids": ids,
-                "attention_mask": mask, "labels": labels}
-
-    return Prepared(items, collate)
-
-
-def _prepare_vqa(loaded, examples: list[Example], seed: int = 0) -> Prepared:
-    tok = loaded.processor.tokenizer
-    pixels = _pixel_values(loaded, examples)
-    start_id = loaded.model.decoder_start_token_id
-    pad = tok.pad_token_id
-    items = []
-    for e in examples:
-        q = tok(e.question, truncation=True, max_length=40, return_tensors="pt")["input_ids"][0]
-        a = tok(e.answer, truncation=True, max_length=16, return_tensors="pt")["input_ids"][0]
-        a[0] = start_id  # answers are decoded from the decoder's start token (see models/vqa.py)
-        items.append({"pixel_values": pixels[e.file], "input_ids": q, "answer_ids": a})
-
-    def collate(batch: list[dict]) -> dict:
-        import torch
-
-        q, q_mask = _pad([b["input_ids"] for b in batch], pad)
-        a, a_mask = _pad([b["answer_ids"] for b in batch], pad)
-        return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "input_ids": q,
-                "attention_mask": q_mask, "decoder_input_ids": a, "decoder_attention_mask": a_mask,
-                "labels": a.masked_fill(a_mask == 0, -100)}
-
-    return Prepared(items, collate)
-
-
-def _prepare_retrieval(loaded, examples: list[Example], seed: int = 0) -> Prepared:
-    """CLAP inputs for every 10 s window of every clip, as search embeds them; each batch draws one window per
-    clip at random, so over the epochs training hears all of a long clip, not only its start."""
-    import random
-
-    from mmdemo.media import load_audio
-    from mmdemo.models.retrieval import Embedder
-
-    emb = Embedder(loaded)  # same windowing and features as search
-    tok = loaded.processor.tokenizer
-    fe = loaded.processor.feature_extractor
-    windows: list = []
-    owner: list[int] = []
-    for i, e in enumerate(examples):
-        for w in emb.windows(load_audio(e.path, emb.sample_rate)):
-            windows.append(w)
-            owner.append(i)
-    feats: list = []
-    for start in range(0, len(windows), 16):
-        chunk = windows[start:start + 16]
-        if emb._features is not None:
-            feats += list(emb._features(chunk).cpu())
-        else:
-            feats += list(fe(chunk, sampling_rate=emb.sample_rate, return_tensors="pt")["input_features"])
-    per_clip: list[list] = [[] for _ in examples]
-    for i, f in zip(owner, feats):
-        per_clip[i].append(f)
-    pad = tok.pad_token_id
-    items = [{"windows": clip_feats, "input_ids": tok(e.text, truncation=True, max_length=64,
-                                                      return_tensors="pt")["input_ids"][0]}
-             for clip_feats, e in zip(per_clip, examples)]
-    rng = random.Random(seed)
-
-    def collate(batch: list[dict]) -> dict:
-        import torch
-
-        ids, mask = _pad([b["input_ids"] for b in batch], pad)
-        chosen = [b["windows"][rng.randrange(len(b["windows"]))] for b in batch]
-        return {"input_features": torch.stack(chosen), "input_ids": ids, "attention_mask": mask, "return_loss": True}
-
-    return Prepared(items, collate)
-
-
-PREPARE = {"caption": _prepare_caption, "vqa": _prepare_vqa, "retrieval": _prepare_retrieval}
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -443,10 +327,10 @@ def model_card(meta: dict) -> str:
     steps_text = f"{run['steps_done']} of {run['steps']} steps" if run.get("steps_done") is not None else \
         f"{run.get('steps', '?')} steps"
     comparison = meta.get("comparison")
-    command = {"retrieval": "search", "image_search": None}.get(meta["task"], meta["task"])
-    in_mmdemo = (f"or in mmdemo: `python -m mmdemo {command} ... --adapter path/to/this/folder`." if command else
-                 f"or in mmdemo's {meta['task'].replace('_', ' ').capitalize()} tab (copy the folder into "
-                 f"MMDEMO_HOME/adapters).")
+    spec = get_task(meta["task"])
+    in_mmdemo = (f"or in mmdemo: `python -m mmdemo {spec.cli_command} ... --adapter path/to/this/folder`."
+                 if spec.cli_command else
+                 f"or in mmdemo's {spec.title} tab (copy the folder into MMDEMO_HOME/adapters).")
     verdict_line = f"\n{verdict(meta['task'], comparison)}\n" if comparison else ""
     explained = "\n".join(f"- **{METRICS[k].label}**: {METRICS[k].meaning}" for k in meta["metrics_after"]
                           if k in METRICS)
@@ -588,11 +472,8 @@ def finetune(
 
     progress(Progress("preprocessing", 0, report.examples,
                       message=f"Preparing {report.examples} examples for the model (decoding every file once)."))
-    family = family_module(loaded.arch)
-    if family is not None:  # the family module builds its own training inputs (Florence-2, SmolVLM)
-        prepared = Prepared(*getattr(family, f"prepare_{task}")(loaded, report.train, seed=config.seed))
-    else:
-        prepared = PREPARE[task](loaded, report.train, seed=config.seed)
+    # the task module says what its batches are; the model's family module builds them
+    prepared = Prepared(*task_module(task).prepare(loaded, report.train, seed=config.seed))
     progress(Progress("preprocessing", report.examples, report.examples))
 
     held_out = len(report.test)
@@ -650,21 +531,12 @@ def finetune(
 
 
 def fitted_decoding(task: str, loaded, train: list[Example]):
-    """Decoding options for the adapter, fitted to its training texts (``models.generation.fitted_to_texts``).
+    """Decoding options for the adapter, fitted to its training texts (the task module's ``fitted_decoding``).
 
     Written into ``mmdemo.json``; the held-out scores (base model and adapter alike), the tabs and the CLI use
-    them for this adapter. ``None`` for retrieval, which does not generate.
+    them for this adapter. ``None`` for the search tasks, which do not generate.
     """
-    from mmdemo.models.generation import CAPTION_DEFAULTS, VQA_DEFAULTS, fitted_to_texts, text_positions
-
-    if task not in ("caption", "vqa"):
-        return None
-    tok = loaded.processor.tokenizer
-    texts = [e.text for e in train] if task == "caption" else [e.answer for e in train]
-    cap = 39 if task == "caption" else 15  # the lengths training truncates to, less the start token
-    lengths = [min(cap, len(tok(t, add_special_tokens=False)["input_ids"])) for t in texts]
-    defaults = CAPTION_DEFAULTS if task == "caption" else VQA_DEFAULTS
-    return fitted_to_texts(defaults, lengths, text_positions(loaded))
+    return task_module(task).fitted_decoding(loaded, train)
 
 
 def _plan_sentence(plan: dict, config: TrainConfig) -> str:

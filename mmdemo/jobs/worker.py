@@ -7,6 +7,9 @@ memory -> a smaller batch, or the Quick preset unless the job already uses it; b
 data folder -> free some space); the traceback goes to the job's log only. A SIGTERM is a cancel when one was
 asked for (recorded as cancelled), else a server shutdown: the worker then exits 143 with no outcome, and the
 dispatcher puts the job back in the queue to resume from its checkpoint.
+
+Its settings are those of the app that started it: the dispatcher writes them into the worker's environment
+(:meth:`mmdemo.config.Settings.to_env`), and :func:`main` reads and installs them once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 import threading
 import traceback
 
-from mmdemo.config import folder_problem, get_settings
+from mmdemo.config import Settings, folder_problem, get_settings, install
 from mmdemo.errors import MMDemoError
 
 HEARTBEAT_SECONDS = 2.0
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m mmdemo.jobs.worker JOB_ID", file=sys.stderr)
         return 2
     os.environ.pop("HF_TOKEN", None)  # training needs no token; keep it out of this process and its logs
+    try:  # the app's settings, which the dispatcher wrote into this process's environment: read once
+        install(Settings.from_env())
+    except MMDemoError:
+        pass  # run_job reads them again inside its error handling, which records the sentence as the job's failure
     # SIGTERM (cancel) ends the process through normal interpreter shutdown: finally blocks run.
     signal.signal(signal.SIGTERM, on_sigterm)
     import warnings

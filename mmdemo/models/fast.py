@@ -40,11 +40,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# what goes int8 in fast mode, per task: the whole model ("") or the named submodules. CLAP's audio tower is
+# What goes int8 in fast mode is each architecture's ``int8_parts`` (mmdemo.models.registry): the whole model ("")
+# or the named submodules; none for the families whose agreement with fp32 was not measured. CLAP's audio tower is
 # exported instead (below); its torch copy stays fp32 for adapters that adapt it.
-QUANTIZED_PARTS: dict[str, tuple[str, ...]] = {"caption": ("",), "vqa": ("",),
-                                               "retrieval": ("text_model", "text_projection")}
-QUANTIZED_TASKS = tuple(QUANTIZED_PARTS)  # tasks with int8 Linear layers in fast mode
 AUDIO_FORMAT = 1  # bump when the export changes: old cached files are then ignored
 AUDIO_FILE = "clap-audio-int8.onnx"
 MIN_EXPORT_COSINE = 0.99  # an export whose embeddings are further than this from torch's is not used
@@ -145,10 +143,11 @@ def quantize_linears(model, lora_targets: tuple[str, ...] = (), keep_float: tupl
     return counts
 
 
-def quantize_model(task: str, model, lora_targets: tuple[str, ...] = ()) -> dict[str, int]:
-    """Fast mode's int8 layers for ``task`` (``QUANTIZED_PARTS``), in place; counts as :func:`quantize_linears`."""
+def quantize_model(model, parts: tuple[str, ...], lora_targets: tuple[str, ...] = ()) -> dict[str, int]:
+    """Fast mode's int8 layers in the submodules ``parts`` ("" is the whole model), in place; counts as
+    :func:`quantize_linears`."""
     counts = {"int8": 0, "lora_base": 0}
-    for part in QUANTIZED_PARTS.get(task, ()):
+    for part in parts:
         module = model.get_submodule(part)
         for key, n in quantize_linears(module, lora_targets).items():
             counts[key] += n

@@ -15,6 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmdemo.errors import InputError
+from mmdemo.models.registry import Architecture
+
+# Task tokens instead of a prefix; LoRA on the BART language model's query/value projections.
+ARCHITECTURES = (
+    Architecture("caption", "florence2", "Florence2ForConditionalGeneration", "AutoProcessor",
+                 ("q_proj", "v_proj"), "florence2", "florence2"),
+)
 
 # The caption lengths a visitor may ask for, and the task token each one is.
 DETAIL_TASKS = {"short": "<CAPTION>", "detailed": "<DETAILED_CAPTION>", "paragraph": "<MORE_DETAILED_CAPTION>"}
@@ -49,7 +56,7 @@ def caption_batch(loaded, images, prompt, options, adapter, detail: str = "short
 
 
 # ------------------------------------------------------------------------------------------- tiny builder
-def build_tiny(out: Path) -> None:
+def build_tiny(out: Path, arch: Architecture | None = None) -> None:
     """A tiny random Florence-2 in the Hub layout: BART tokenizer with the ``<image>`` token, a CLIP-style image
     processor, a two-stage DaViT vision tower (32 x 32 pixels -> 16 patches + 1 pooled token) and a 2+2-layer BART."""
     import torch
@@ -80,6 +87,7 @@ def prepare_caption(loaded, examples, seed: int = 0):
     the ``<CAPTION>`` prompt in, the caption as labels (``<s> caption </s>``; the model shifts them right behind its
     decoder start token, as ``generate`` starts)."""
     from mmdemo.media import load_image
+    from mmdemo.models.batches import pad_ids
 
     processor, tok = loaded.processor, loaded.processor.tokenizer
     prompt = task_prompt("short")
@@ -93,19 +101,10 @@ def prepare_caption(loaded, examples, seed: int = 0):
     def collate(batch: list[dict]) -> dict:
         import torch
 
-        ids, mask = pad([b["input_ids"] for b in batch], tok.pad_token_id)
-        labels, label_mask = pad([b["labels"] for b in batch], tok.pad_token_id)
+        ids, mask = pad_ids([b["input_ids"] for b in batch], tok.pad_token_id)
+        labels, label_mask = pad_ids([b["labels"] for b in batch], tok.pad_token_id)
         return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "input_ids": ids,
                 "attention_mask": mask, "labels": labels.masked_fill(label_mask == 0, -100)}
 
     return items, collate
 
-
-def pad(seqs: list, value: int):
-    """Right-padded rows of token ids and their attention mask."""
-    import torch
-    from torch.nn.utils.rnn import pad_sequence
-
-    ids = pad_sequence(seqs, batch_first=True, padding_value=value)
-    lengths = torch.tensor([len(s) for s in seqs])
-    return ids, (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()

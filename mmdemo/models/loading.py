@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmdemo.config import get_settings
+from mmdemo.config import Settings, get_settings
 from mmdemo.errors import InputError, ModelLoadError
 from mmdemo.models import hub
-from mmdemo.models.registry import Architecture, get_architecture, get_task
+from mmdemo.models.registry import TASKS, Architecture, get_architecture, get_task
 
 ADAPTER_META = "mmdemo.json"  # written next to adapter_config.json: task, base checkpoint, metrics
 
@@ -64,11 +64,11 @@ def pick_dtype(device: str, override: str | None = None):
     return torch.float32
 
 
-def resolve_checkpoint(task: str, checkpoint: str | None = None) -> str:
-    """The checkpoint for ``task``: the argument, else its env var, else the registry default."""
+def resolve_checkpoint(task: str, checkpoint: str | None = None, settings: Settings | None = None) -> str:
+    """The checkpoint for ``task``: the argument, else the settings' (``MMDEMO_<TASK>_MODEL``, ``--<task>-model``;
+    default: :func:`~mmdemo.config.get_settings`), else the registry default."""
     spec = get_task(task)
-    # the registry's env var too: a task added there needs no entry in mmdemo.config
-    return checkpoint or get_settings().models.get(task) or os.environ.get(spec.env_var) or spec.default_checkpoint
+    return checkpoint or (settings or get_settings()).models.get(task) or spec.default_checkpoint
 
 
 def checkpoint_name(checkpoint: str | None) -> str:
@@ -78,16 +78,23 @@ def checkpoint_name(checkpoint: str | None) -> str:
     return Path(text).name if local else text
 
 
-def more_checkpoints(task: str) -> list[str]:
-    """The other base models offered for ``task`` beside its main checkpoint: ``MMDEMO_<TASK>_MORE_MODELS``
-    (comma-separated Hub ids or folders; ``none`` for none) if set, else the registry's."""
+def more_checkpoints(task: str, settings: Settings | None = None) -> list[str]:
+    """The other base models offered for ``task`` beside its main checkpoint: the settings' if set
+    (``MMDEMO_<TASK>_MORE_MODELS``, ``--<task>-more-models``: comma-separated Hub ids or folders, ``none`` for
+    none; default: :func:`~mmdemo.config.get_settings`), else the registry's."""
     spec = get_task(task)
-    raw = os.environ.get(spec.more_env_var)
-    if raw is None or not raw.strip():
-        return list(spec.more_checkpoints)
-    if raw.strip().lower() == "none":
-        return []
-    return list(dict.fromkeys(c.strip() for c in raw.split(",") if c.strip()))
+    more = (settings or get_settings()).more_models
+    return list(more[task] if task in more else spec.more_checkpoints)
+
+
+def check_task_names(settings: Settings) -> None:
+    """Raise one sentence when a ``MMDEMO_<TASK>_MODEL`` or ``..._MORE_MODELS`` names no task of the registry
+    (mmdemo.config reads them for any name: it does not know the registry)."""
+    for task in sorted({*settings.models, *settings.more_models}):
+        if task not in TASKS:
+            which = "MODEL" if task in settings.models else "MORE_MODELS"
+            raise InputError(f"MMDEMO_{task.upper()}_{which} is set, but {task} is no task; the tasks are "
+                             f"{', '.join(TASKS)}: fix its name or unset it.")
 
 
 def _is_local(checkpoint: str) -> bool:
@@ -332,7 +339,7 @@ def _load_uncached(task: str, checkpoint: str, device: str, dtype: Any, fast: bo
     if fast:
         from mmdemo.models import fast as fast_mode
 
-        fast_mode.quantize_model(task, model, arch.lora_targets)
+        fast_mode.quantize_model(model, arch.int8_parts, arch.lora_targets)
     if arch.onednn_parts:  # fp32 on the CPU only (it checks); after quantizing, which replaces what it converts
         from mmdemo.models.kernels import onednn_linears
 

@@ -1,25 +1,57 @@
-"""One table of tasks and one of architectures: adding a model family is one entry and one tiny builder.
+"""Where tasks and model families are registered: one module per task, one per model family, listed here.
 
-A task says which checkpoint to use by default and how it is evaluated; an architecture (keyed by the
-task and the checkpoint's ``config.model_type``) says which transformers class loads it, which
-processor reads its inputs and which modules LoRA adapts.
+A **task module** (``mmdemo/models/<task>.py``) holds everything a task is:
+
+- ``SPEC``: its :class:`Task` (default checkpoint, dataset columns, metrics, how the page names it);
+- its inference (``caption``, ``answer_pairs``, the search libraries), which the tabs, the CLI and MCP call;
+- ``prepare(loaded, examples, seed) -> (items, collate)``: dataset rows to training batches (the family's
+  ``prepare_<task>`` builds them; :mod:`mmdemo.jobs.train` runs them through the Trainer);
+- ``evaluate(loaded, examples, adapter, options) -> (metrics, samples)``: the held-out scores, through the same
+  inference the tab uses, and ``verdict(comparison)``: one sentence saying whether fine-tuning helped;
+- ``fitted_decoding(loaded, train)``: decoding options fitted to a fine-tune's texts (``None`` for search tasks).
+
+A **family module** (``mmdemo/models/<family>.py``) holds everything a kind of checkpoint is:
+
+- ``ARCHITECTURES``: one :class:`Architecture` per task it serves, keyed by the checkpoint's ``config.model_type``
+  (the transformers class that loads it, its processor, the modules LoRA adapts);
+- its processor quirks and batching (``caption_batch``, ``answer_batch``, ``text_inputs``...), whatever its tasks
+  ask of it, and ``prepare_<task>`` for each task it can be fine-tuned on;
+- ``build_tiny(out, arch)``: a tiny random checkpoint in the Hub layout, for tests and ``--tiny-models``.
+
+Adding a task is one task module, its family module(s) and one tab module under ``mmdemo/ui``, plus a name in
+:data:`TASK_MODULES` (and :data:`FAMILY_MODULES`) and the tab in ``mmdemo/ui/app.py``'s list. The two tables below are
+built from the modules on first use (the modules import this one, so they are not imported here at import time).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 from mmdemo.errors import InputError, ModelLoadError
+
+# mmdemo.models.<name>, in the order the app shows the tabs and writes the tiny models
+TASK_MODULES = ("caption", "vqa", "retrieval", "image_search")
+FAMILY_MODULES = ("blip", "florence2", "smolvlm", "clap", "siglip")
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    title: str
+    title: str  # the tab that serves it, as the page names it
     env_var: str
     default_checkpoint: str
     metrics: tuple[str, ...]
     modality: str  # "image" or "audio": what the media files of a dataset are
+    columns: tuple[str, ...]  # a dataset's metadata columns beside file_name
+    data_help: str  # what a dataset for it holds, in words (the Fine-tune tab)
+    tiny: str  # the tiny checkpoint (``Architecture.tiny_name``) that stands in for the default one
+    # the example dataset (mmdemo.data.write_example_dataset): "shapes", "shape questions" or "sounds"
+    examples: str
+    cli_command: str | None = None  # the ``python -m mmdemo`` command that uses an adapter of it, if any
     # other base models the tab offers beside the default, chosen per request from its Model list
     # (``MMDEMO_<TASK>_MORE_MODELS`` replaces them; see mmdemo.models.loading.more_checkpoints)
     more_checkpoints: tuple[str, ...] = ()
@@ -37,62 +69,68 @@ class Architecture:
     processor_class: str
     lora_targets: tuple[str, ...]
     tiny_name: str  # folder written by ``python -m mmdemo tiny-models DIR``
+    family: str  # its family module, mmdemo.models.<family>
     # submodules whose Linear layers run through oneDNN for fp32 inference on the CPU (mmdemo.models.kernels):
     # the ones that multiply few rows per call (decoding steps, short texts), where it is 1.2-2.7x faster
     onednn_parts: tuple[str, ...] = ()
-    # the family's own module under mmdemo.models (how a batch is built and decoded, its tiny builder), for the
-    # families added after BLIP and CLAP, whose code still lives in the task modules; "" for those two
-    family: str = ""
+    # submodules ("" for the whole model) whose Linear layers go int8 in the CPU fast mode (mmdemo.models.fast), for
+    # the families whose agreement with fp32 bench/fast.py measured; the others stay exact in fast mode
+    int8_parts: tuple[str, ...] = ()
 
 
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task("caption", "Caption", "MMDEMO_CAPTION_MODEL", "Salesforce/blip-image-captioning-base",
-             ("bleu4", "cider"), "image",
-             more_checkpoints=("florence-community/Florence-2-base", "HuggingFaceTB/SmolVLM-256M-Instruct")),
-        Task("vqa", "Visual QA", "MMDEMO_VQA_MODEL", "Salesforce/blip-vqa-base", ("accuracy",), "image",
-             more_checkpoints=("HuggingFaceTB/SmolVLM-256M-Instruct",)),
-        Task("retrieval", "Audio search", "MMDEMO_RETRIEVAL_MODEL", "laion/clap-htsat-unfused",
-             ("text_to_audio_r1", "text_to_audio_r5", "audio_to_text_r1", "audio_to_text_r5"), "audio"),
-        Task("image_search", "Image search", "MMDEMO_IMAGE_SEARCH_MODEL", "google/siglip-base-patch16-224",
-             ("text_to_image_r1", "text_to_image_r5", "image_to_text_r1", "image_to_text_r5"), "image"),
-    )
-}
+class _Table(Mapping):
+    """A read-only mapping built from the modules the first time it is read."""
 
-ARCHITECTURES: dict[tuple[str, str], Architecture] = {
-    (a.task, a.model_type): a
-    for a in (
-        # BLIP: LoRA on the text decoder's self/cross attention and the vision encoder's fused qkv.
-        Architecture("caption", "blip", "BlipForConditionalGeneration", "BlipProcessor",
-                     ("query", "value", "qkv"), "blip-caption", onednn_parts=("text_decoder",)),
-        Architecture("vqa", "blip", "BlipForQuestionAnswering", "BlipProcessor",
-                     ("query", "value", "qkv"), "blip-vqa", onednn_parts=("text_encoder", "text_decoder")),
-        # Florence-2: task tokens instead of a prefix; LoRA on the BART language model's query/value projections.
-        Architecture("caption", "florence2", "Florence2ForConditionalGeneration", "AutoProcessor",
-                     ("q_proj", "v_proj"), "florence2", family="florence2"),
-        # SmolVLM (SmolVLM-256M-Instruct is an Idefics3 model): a chat turn per request, free-form answers.
-        Architecture("caption", "idefics3", "Idefics3ForConditionalGeneration", "AutoProcessor",
-                     ("q_proj", "v_proj"), "smolvlm", family="smolvlm"),
-        Architecture("vqa", "idefics3", "Idefics3ForConditionalGeneration", "AutoProcessor",
-                     ("q_proj", "v_proj"), "smolvlm", family="smolvlm"),
-        # CLAP: both towers (RoBERTa text, HTSAT audio) name their attention projections query/value.
-        Architecture("retrieval", "clap", "ClapModel", "ClapProcessor", ("query", "value"), "clap",
-                     onednn_parts=("text_model", "text_projection")),
-        # SigLIP: LoRA on both towers' attention projections (q_proj/k_proj/v_proj in each layer).
-        Architecture("image_search", "siglip", "SiglipModel", "SiglipProcessor", ("q_proj", "v_proj"), "siglip",
-                     family="siglip"),
-    )
-}
+    def __init__(self, build: Callable[[], dict]):
+        self._build = build
+        self._data: dict | None = None
+
+    def _get(self) -> dict:
+        if self._data is None:
+            self._data = self._build()
+        return self._data
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __repr__(self) -> str:
+        return repr(self._get())
 
 
-def family_module(arch: Architecture):
-    """The family module of ``arch`` (``mmdemo.models.<family>``), or ``None`` for BLIP and CLAP."""
-    if not arch.family:
-        return None
-    import importlib
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"mmdemo.models.{name}")
 
-    return importlib.import_module(f"mmdemo.models.{arch.family}")
+
+def _tasks() -> dict[str, Task]:
+    specs = [_module(m).SPEC for m in TASK_MODULES]
+    _TASK_MODULE.update({s.name: m for s, m in zip(specs, TASK_MODULES)})
+    return {s.name: s for s in specs}
+
+
+def _architectures() -> dict[tuple[str, str], Architecture]:
+    return {(a.task, a.model_type): a for m in FAMILY_MODULES for a in _module(m).ARCHITECTURES}
+
+
+_TASK_MODULE: dict[str, str] = {}
+TASKS: Mapping[str, Task] = _Table(_tasks)
+ARCHITECTURES: Mapping[tuple[str, str], Architecture] = _Table(_architectures)
+
+
+def task_module(task: str) -> ModuleType:
+    """The task module of ``task`` (``mmdemo.models.<module>``)."""
+    get_task(task)
+    return _module(_TASK_MODULE[task])
+
+
+def family_module(arch: Architecture) -> ModuleType:
+    """The family module of ``arch`` (``mmdemo.models.<family>``)."""
+    return _module(arch.family)
 
 
 def get_task(name: str) -> Task:

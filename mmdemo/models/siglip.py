@@ -21,6 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmdemo.models.registry import Architecture
+
+# LoRA on both towers' attention projections (q_proj/v_proj in each layer).
+ARCHITECTURES = (
+    Architecture("image_search", "siglip", "SiglipModel", "SiglipProcessor", ("q_proj", "v_proj"), "siglip",
+                 "siglip"),
+)
+
 TEXT_LENGTH = 64  # tokens every text is padded (and cut) to, as SigLIP was trained
 TINY_IMAGE_SIZE = 32
 
@@ -61,7 +69,7 @@ def _tiny_tokenizer(folder: Path):
     return SiglipTokenizer(str(path), model_max_length=TEXT_LENGTH)
 
 
-def build_tiny(out: Path) -> None:
+def build_tiny(out: Path, arch: Architecture | None = None) -> None:
     """Write a tiny random ``SiglipModel`` and its ``SiglipProcessor`` to ``out`` (the Hub checkpoint's layout)."""
     import tempfile
 

@@ -15,6 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmdemo.errors import InputError
+from mmdemo.models.registry import Architecture
+
+# SmolVLM-256M-Instruct is an Idefics3 model: a chat turn per request, free-form answers.
+ARCHITECTURES = tuple(
+    Architecture(task, "idefics3", "Idefics3ForConditionalGeneration", "AutoProcessor", ("q_proj", "v_proj"),
+                 "smolvlm", "smolvlm")
+    for task in ("caption", "vqa")
+)
 
 # What the model is asked for each caption length.
 DETAIL_INSTRUCTIONS = {
@@ -64,10 +72,14 @@ def caption_batch(loaded, images, prompt, options, adapter, detail: str = "short
     return [" ".join(f"{prompt} {reply}".split()) if prompt else reply for reply in replies]
 
 
-def answer_batch(loaded, images, questions: list[str], options, adapter) -> list[str]:
-    """One free-form answer per (image, question) row."""
+def answer_batch(loaded, images, questions: list[str], options, adapter, batch_size: int = 32) -> list[str]:
+    """One free-form answer per (image, question) row, ``batch_size`` rows per ``generate``."""
     prompts = [chat_prompt(loaded.processor, q) for q in questions]
-    return generate_replies(loaded, images, prompts, options, adapter)
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        out += generate_replies(loaded, images[start:start + batch_size], prompts[start:start + batch_size],
+                                options, adapter)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- tiny builder
@@ -81,7 +93,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny(out: Path) -> None:
+def build_tiny(out: Path, arch: Architecture | None = None) -> None:
     """A tiny random SmolVLM (Idefics3) in the Hub layout: a byte-level BPE tokenizer with the family's special
     tokens (image, tile positions, end of utterance), its chat template, image splitting into 32-pixel tiles plus
     the whole (4 tokens each after the pixel shuffle), a 2-layer vision tower and a 2-layer Llama."""
@@ -118,7 +130,7 @@ def _prepare(loaded, rows: list[tuple], seed: int = 0):
     chat turn and the reply with its end of utterance in, loss on the reply only (the turn's tokens are -100).
     Pictures split into different numbers of tiles are padded with blank tiles, which the model skips."""
     from mmdemo.media import load_image
-    from mmdemo.models.florence2 import pad
+    from mmdemo.models.batches import pad_ids
 
     processor, tok = loaded.processor, loaded.processor.tokenizer
     end = getattr(processor, "end_of_utterance_token", "<end_of_utterance>")
@@ -137,8 +149,8 @@ def _prepare(loaded, rows: list[tuple], seed: int = 0):
     def collate(batch: list[dict]) -> dict:
         import torch
 
-        ids, mask = pad([b["input_ids"] for b in batch], tok.pad_token_id)
-        labels, _ = pad([b["labels"] for b in batch], -100)
+        ids, mask = pad_ids([b["input_ids"] for b in batch], tok.pad_token_id)
+        labels, _ = pad_ids([b["labels"] for b in batch], -100)
         tiles = max(len(b["pixel_values"]) for b in batch)
         pixels = torch.zeros((len(batch), tiles, *batch[0]["pixel_values"].shape[1:]))
         pixel_mask = torch.zeros((len(batch), tiles, *batch[0]["pixel_attention_mask"].shape[1:]), dtype=torch.long)

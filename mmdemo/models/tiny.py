@@ -9,8 +9,10 @@ default of 1e-10, under which image features are ~1e-7 and nothing can learn fro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
+
+from mmdemo.models.registry import TASKS, _Table
 
 # A small English vocabulary: the words of the bundled examples and of the synthetic datasets the
 # tests learn from, plus every letter as a word start and as a WordPiece continuation.
@@ -26,28 +28,6 @@ voice man woman person people street tree house sky sea beach mountain city
 high low pitch rising falling fast slow loud quiet soft short long pulse noise sweep chord
 """.split()
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'-")
-
-
-def _bert_vocab() -> dict[str, int]:
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens += CHARS + ["##" + c for c in CHARS if c.isalnum()]
-    for w in WORDS:
-        if w not in tokens:
-            tokens.append(w)
-    return {t: i for i, t in enumerate(tokens)}
-
-
-def _bert_tokenizer():
-    from transformers import BertTokenizer
-
-    tok = BertTokenizer(vocab=_bert_vocab(), do_lower_case=True, model_max_length=64)
-    # BLIP's decoder starts with [DEC], added after the vocabulary as in the real checkpoints.
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-    return tok
-
-
-def _roberta_tokenizer():
-    return bpe_tokenizer("RobertaTokenizer")
 
 
 def bpe_tokenizer(cls_name: str, **kwargs):
@@ -70,72 +50,8 @@ def bpe_tokenizer(cls_name: str, **kwargs):
     return getattr(transformers, cls_name)(vocab=vocab, merges=merges, model_max_length=64, **kwargs)
 
 
-def _blip_config(tok):
-    from transformers import BlipConfig
-
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=32, patch_size=8, initializer_range=0.02)
-    text = dict(vocab_size=len(tok), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
-                bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.sep_token_id, initializer_range=0.02)
-    return BlipConfig(vision_config=vision, text_config=text, projection_dim=32, initializer_range=0.02)
-
-
-def _blip_processor(tok):
-    from transformers import BlipImageProcessor, BlipProcessor
-
-    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
-    return BlipProcessor(image_processor=image_processor, tokenizer=tok)
-
-
-def _build_blip(model_class: str) -> Callable[[Path], None]:
-    def build(out: Path) -> None:
-        import torch
-        import transformers
-
-        torch.manual_seed(0)
-        tok = _bert_tokenizer()
-        model = getattr(transformers, model_class)(_blip_config(tok)).eval()
-        model.save_pretrained(out)
-        _blip_processor(tok).save_pretrained(out)
-
-    return build
-
-
-def _build_clap(out: Path) -> None:
-    import torch
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
-
-    torch.manual_seed(0)
-    tok = _roberta_tokenizer()
-    config = ClapConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=80, projection_dim=32,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id),
-        # spec_size 256 with 64 mel bins is what the 10 s, 1001-frame features of the real feature
-        # extractor fold into; patches of 8 keep the Swin grid small (32x32).
-        audio_config=dict(window_size=4, num_mel_bins=64, spec_size=256, patch_size=8, patch_stride=(8, 8),
-                          hidden_size=32, patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2],
-                          projection_dim=32, num_hidden_layers=2),
-        projection_dim=32,
-    )
-    model = ClapModel(config).eval()
-    model.save_pretrained(out)
-    # Same feature extractor settings as laion/clap-htsat-unfused (48 kHz, 10 s, rand_trunc + repeatpad).
-    fe = ClapFeatureExtractor(feature_size=64, sampling_rate=48000, hop_length=480, max_length_s=10,
-                              fft_window_size=1024, padding="repeatpad", truncation="rand_trunc")
-    ClapProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(out)
-
-
-BUILDERS: dict[str, Callable[[Path], None]] = {
-    "blip-caption": _build_blip("BlipForConditionalGeneration"),
-    "blip-vqa": _build_blip("BlipForQuestionAnswering"),
-    "clap": _build_clap,
-}
-# task -> tiny folder name, for `--tiny-models` and the tests
-TINY_FOR_TASK = {"caption": "blip-caption", "vqa": "blip-vqa", "retrieval": "clap", "image_search": "siglip"}
+# task -> tiny folder name of its default checkpoint, for `--tiny-models` and the tests (each task's SPEC.tiny)
+TINY_FOR_TASK: Mapping[str, str] = _Table(lambda: {t.name: t.tiny for t in TASKS.values()})
 
 
 def tiny_more_for_task() -> dict[str, list[str]]:
@@ -169,7 +85,7 @@ def write_tiny_models(out_dir: str | Path, names: list[str] | None = None) -> di
 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            (BUILDERS.get(name) or family_module(arch).build_tiny)(tmp)
+            family_module(arch).build_tiny(tmp, arch)
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)
         written[name] = folder

@@ -1,30 +1,39 @@
-"""Visual question answering: an image and one or more questions to one answer per question, batched.
+"""The visual question answering task: an image and questions to one answer each, batched; how it is trained and
+scored.
 
-BLIP's answer decoder attends to every question token without a padding mask, so questions are
-batched only with questions of the same token length: answers are then exactly those of asking one
-question at a time. Each distinct image goes through the vision encoder once per request, however many
-questions are asked about it (``model.generate`` would encode it again for every question).
+Questions are checked per request before batching (:func:`check_questions`); each batch goes to the model's family
+module (``answer_batch``: BLIP's short answers, SmolVLM's free-form ones). Rows that ask about the same image
+share one decoded image, so a family can encode it once. Fine-tuning takes ``file_name,question,answer`` rows;
+the held-out score is the VQA benchmark's accuracy (:mod:`mmdemo.metrics`) on answers given as the tab gives them.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError
 from mmdemo.media import ImageSource, load_image
-from mmdemo.models.beams import answer_generate, encode_images
 from mmdemo.models.generation import (
     VQA_DEFAULTS,
     GenerationOptions,
     check_max_new_tokens,
     count_tokens,
+    fitted_to_texts,
     text_positions,
 )
 from mmdemo.models.loading import Loaded, load
-from mmdemo.models.registry import family_module
+from mmdemo.models.registry import Task, family_module
+
+SPEC = Task(
+    "vqa", "Visual QA", "MMDEMO_VQA_MODEL", "Salesforce/blip-vqa-base", ("accuracy",), "image",
+    columns=("question", "answer"),
+    data_help="images with questions and answers: `metadata.csv` with the columns `file_name,question,answer` "
+              "(several rows per image are fine)",
+    tiny="blip-vqa", examples="shape questions", cli_command="vqa",
+    more_checkpoints=("HuggingFaceTB/SmolVLM-256M-Instruct",),
+)
 
 MAX_QUESTION_CHARS = 500
 
@@ -71,10 +80,12 @@ def answer_pairs(
     batch_size: int = 32,
 ) -> list[str]:
     """Answers for (image, question) pairs, e.g. from several users at once, in input order."""
-    import torch
-
     limits = get_settings().limits
-    images = [load_image(img, limits) for img, _ in pairs]
+    decoded: dict[int, object] = {}  # the same source asked several questions is decoded once, one object
+    for src, _ in pairs:
+        if id(src) not in decoded:
+            decoded[id(src)] = load_image(src, limits)
+    images = [decoded[id(src)] for src, _ in pairs]
     questions = clean_questions([q for _, q in pairs]) if pairs else []
     if len(questions) != len(pairs):
         raise InputError("Every question must have some text.")
@@ -82,40 +93,38 @@ def answer_pairs(
         return []
     loaded = model if isinstance(model, Loaded) else load("vqa", model)
     check_questions(loaded, questions, options)
-    family = family_module(loaded.arch)
-    if family is not None:  # a chat model (SmolVLM): one turn per question, batched by its own generate
-        out: list[str] = []
-        for start in range(0, len(pairs), batch_size):
-            out += family.answer_batch(loaded, images[start:start + batch_size],
-                                       questions[start:start + batch_size], options, adapter)
-        return out
-    processor, tokenizer = loaded.processor, loaded.processor.tokenizer
-    # one row of pixel values per distinct image (the same object asked several questions)
-    slot: dict[int, int] = {}
-    distinct = []
-    for img, (src, _) in zip(images, pairs):
-        if id(src) not in slot:
-            slot[id(src)] = len(distinct)
-            distinct.append(img)
-    image_of = [slot[id(src)] for src, _ in pairs]
-    pixel_values = processor(images=distinct, return_tensors="pt")["pixel_values"].to(loaded.device, loaded.dtype)
-
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, q in enumerate(questions):
-        groups[len(tokenizer(q)["input_ids"])].append(i)
-    answers: list[str] = [""] * len(pairs)
-    with loaded.using(adapter) as m, torch.inference_mode():
-        image_embeds = encode_images(m, pixel_values)
-        for idx in groups.values():
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size]
-                text = tokenizer([questions[i] for i in chunk], return_tensors="pt").to(loaded.device)
-                out = _generate(m, image_embeds[[image_of[i] for i in chunk]], text, options)
-                for i, decoded in zip(chunk, processor.batch_decode(out, skip_special_tokens=True)):
-                    answers[i] = decoded.strip()
-    return answers
+    return family_module(loaded.arch).answer_batch(loaded, images, questions, options, adapter, batch_size)
 
 
-def _generate(model, image_embeds, text, options: GenerationOptions):
-    """``BlipForQuestionAnswering.generate`` from precomputed image embeddings (same steps, same tokens)."""
-    return answer_generate(model, image_embeds, text["input_ids"], text["attention_mask"], **options.kwargs())
+# ------------------------------------------------------------------------------------- training and scoring
+def prepare(loaded: Loaded, examples, seed: int = 0):
+    """Training inputs for ``file_name,question,answer`` rows and their collator, as the model's family builds them."""
+    return family_module(loaded.arch).prepare_vqa(loaded, examples, seed=seed)
+
+
+def fitted_decoding(loaded: Loaded, train) -> GenerationOptions:
+    """The Visual QA tab's decoding, with lengths fitted to the training answers (``generation.fitted_to_texts``)."""
+    tok = loaded.processor.tokenizer
+    cap = 15  # the length training truncates answers to, less the start token
+    lengths = [min(cap, len(tok(e.answer, add_special_tokens=False)["input_ids"])) for e in train]
+    return fitted_to_texts(VQA_DEFAULTS, lengths, text_positions(loaded))
+
+
+def evaluate(loaded: Loaded, examples, adapter=None, options: GenerationOptions | None = None):
+    """VQA accuracy of the answers to the held-out questions, asked one at a time, and one sample per question."""
+    from mmdemo.metrics import normalize_answer, vqa_accuracy
+
+    images = {e.file: load_image(e.path) for e in examples}  # one object per file: encoded once
+    outputs = [answer_pairs([(images[e.file], e.question)], options=options or VQA_DEFAULTS, adapter=adapter,
+                            model=loaded)[0]
+               for e in examples]
+    metrics = {"accuracy": round(vqa_accuracy(outputs, [[e.answer] for e in examples]), 4)}
+    samples = [{"file": e.file, "question": e.question, "reference": e.answer, "output": o,
+                "score": float(normalize_answer(o) == normalize_answer(e.answer))}
+               for e, o in zip(examples, outputs)]
+    return metrics, samples
+
+
+def verdict(c: dict) -> str:
+    return (f"The fine-tuned model answers {c['adapter_right']} of {c['total']} held-out questions exactly right; the "
+            f"base model answered {c['base_right']}.")

@@ -1,6 +1,9 @@
 """Assemble the tabs into one ``gr.Blocks`` and serve it; ``python app.py --help`` for the options.
 
-Adding a tab is one line in ``TABS`` (see the convention in ``mmdemo/ui/__init__.py``).
+Adding a tab is one line in ``TABS`` (see the convention in ``mmdemo/ui/__init__.py``). :func:`main` builds the
+:class:`~mmdemo.config.Settings` once, from the environment with the flags over it (:func:`app_settings`), installs
+them as the process's and hands them to the tabs in the :class:`UIContext`; job workers get the same settings
+through their own environment (see :mod:`mmdemo.jobs.dispatcher`). Nothing is written to ``os.environ``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from mmdemo.config import ensure_writable, get_settings
+from mmdemo.config import Settings, ensure_writable, get_settings, install, model_var, parse_checkpoints
+from mmdemo.errors import InputError
 from mmdemo.models.audio_library import clips_dir as library_clips_dir
 from mmdemo.models.image_search import images_dir
+from mmdemo.models.loading import check_task_names
 from mmdemo.models.registry import TASKS
 from mmdemo.ui.common import browser_secret, new_browser_id
 from mmdemo.ui.context import ASSETS, UIContext
@@ -54,8 +59,10 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
     ctx = ctx or UIContext()
     checkpoints = {task: ctx.checkpoint(task) for task in TASKS}
     ctx = replace(ctx, checkpoints=checkpoints)
+    # the tabs' other base models (Caption, Visual QA): not loaded at start; the status box says so
+    more = {task: list(ctx.base_models(task).more) for task in TASKS if ctx.base_models(task).more}
     modules = tab_modules()
-    home = get_settings().home
+    home = ctx.settings.home
     home_problem = ensure_writable(home)
     if home_problem:  # said once here, in the page's banner, and by each action that needs the folder
         print(f"mmdemo: {home_problem} (MMDEMO_HOME is {home.absolute()})", file=sys.stderr, flush=True)
@@ -69,7 +76,7 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
         if home_problem:
             gr.Markdown(f"**Warning:** {home_problem} Captions and answers still work; fine-tuning, the audio "
                         f"and image libraries and your adapters need it.", elem_id="home-banner")
-        status = gr.Markdown(STATUS.markdown(checkpoints), elem_id="model-status")
+        status = gr.Markdown(STATUS.markdown(checkpoints, more), elem_id="model-status")
         if os.environ.get("SPACE_ID"):
             gr.LoginButton()  # on a Space: jobs and adapters belong to the signed-in user
         # The anonymous id is stored with a key kept under MMDEMO_HOME, so the same browser is the same user
@@ -83,7 +90,7 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
         timer = gr.Timer(2.0, active=warm_up)
 
         def poll():
-            return STATUS.markdown(checkpoints), gr.Timer(active=not STATUS.done())
+            return STATUS.markdown(checkpoints, more), gr.Timer(active=not STATUS.done())
 
         timer.tick(poll, None, [status, timer], api_visibility="private", queue=False)
         demo.load(poll, None, [status, timer], api_visibility="private", queue=False)
@@ -94,8 +101,9 @@ def build_app(ctx: UIContext | None = None, warm_up: bool = True) -> gr.Blocks:
     return demo
 
 
-def launch_kwargs(port: int | None = None, mcp: bool = False) -> dict:
-    """What ``launch`` needs: the port, and the only folders whose files anyone may fetch by path.
+def launch_kwargs(port: int | None = None, mcp: bool = False, settings: Settings | None = None) -> dict:
+    """What ``launch`` needs: the port (default: the settings', ``GRADIO_SERVER_PORT`` or 7860), and the only
+    folders whose files anyone may fetch by path.
 
     Those are the bundled assets, the shared audio library's clips (the page plays them) and the shared image
     library's images (the page shows them; not its index). Nothing else
@@ -108,7 +116,7 @@ def launch_kwargs(port: int | None = None, mcp: bool = False) -> dict:
     would make every public endpoint a tool, the fine-tuning and job endpoints included.
     """
     kwargs = dict(
-        server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        server_port=port or (settings or get_settings()).port,
         allowed_paths=[str(ASSETS), str(library_clips_dir().resolve()), str(images_dir().resolve())],
         css=CSS,
         theme=gr.themes.Soft(),
@@ -220,79 +228,89 @@ async def _mcp_tools_only(app):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a flag that is not given is ``None``, so the environment's setting applies
+    (see :func:`app_settings`)."""
     p = argparse.ArgumentParser(prog="app.py", description="Serve the mmdemo Gradio app.")
     p.add_argument("--tiny-models", action="store_true",
                    help="run on tiny random checkpoints written to MMDEMO_HOME/tiny-models (outputs are meaningless)")
     for task in TASKS:
         p.add_argument(f"--{task.replace('_', '-')}-model", dest=f"{task}_model", metavar="CHECKPOINT",
-                       help=f"Hub id or local folder for {task} (default: ${TASKS[task].env_var} or "
+                       help=f"Hub id or local folder for {task} (default: ${model_var(task)} or "
                             f"{TASKS[task].default_checkpoint})")
         if TASKS[task].more_checkpoints:
             p.add_argument(f"--{task.replace('_', '-')}-more-models", dest=f"{task}_more_models", metavar="CHECKPOINTS",
                            help=f"other {task} base models the tab's Model list offers, comma-separated, or none "
-                                f"(default: ${TASKS[task].more_env_var} or "
+                                f"(default: ${model_var(task, more=True)} or "
                                 f"{','.join(TASKS[task].more_checkpoints)})")
     p.add_argument("--home", help="data folder for adapters, indexes and jobs (default: $MMDEMO_HOME or checkpoints)")
     p.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT or 7860)")
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="address to listen on")
-    p.add_argument("--gpu-concurrency", type=int, default=int(os.environ.get("MMDEMO_GPU_CONCURRENCY", "1")),
-                   help="model calls running at once, all tabs together (default 1)")
+    p.add_argument("--host", help="address to listen on (default: $GRADIO_SERVER_NAME or Gradio's, 127.0.0.1)")
+    p.add_argument("--gpu-concurrency", type=int,
+                   help="model calls running at once, all tabs together (default: $MMDEMO_GPU_CONCURRENCY or 1)")
     p.add_argument("--max-batch-size", type=int, default=16, help="caption/VQA requests served by one call")
     p.add_argument("--no-warm-up", action="store_true", help="load models on first use instead of at startup")
-    p.add_argument("--mcp", action="store_true", default=os.environ.get("MMDEMO_MCP", "") not in ("", "0"),
+    p.add_argument("--mcp", action="store_true", default=None,
                    help=f"also serve the model tools (caption, VQA, audio search) to MCP clients at {MCP_PATH} "
                         f"(MMDEMO_MCP=1; needs the mcp package)")
-    p.add_argument("--fast", action="store_true", help="CPU fast mode (MMDEMO_FAST=1): int8 layers and an exported "
-                   "audio encoder; faster, outputs close to but not exactly the models' own")
+    p.add_argument("--fast", action="store_true", default=None, help="CPU fast mode (MMDEMO_FAST=1): int8 layers "
+                   "and an exported audio encoder; faster, outputs close to but not exactly the models' own")
     return p.parse_args(argv)
 
 
-def configure(args: argparse.Namespace) -> UIContext:
-    """Apply the flags to the environment (which the model layer reads) and return the UI context."""
-    if args.home:
-        os.environ["MMDEMO_HOME"] = args.home
-    if args.fast:
-        os.environ["MMDEMO_FAST"] = "1"
-    checkpoints: dict[str, str] = {}
-    more: dict[str, str] = {}  # task -> comma-separated other base models
-    home = get_settings().home
-    problem = ensure_writable(home)
+def app_settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    """The app's settings: the environment's (``environ``, default ``os.environ``), with the flags over them.
+
+    With ``--tiny-models`` the tiny checkpoints are written (under the data folder, or a temporary folder when it
+    cannot be written) and become every task's model and other base models; a ``--<task>-model`` flag still wins.
+    Raises :class:`~mmdemo.errors.InputError` for a bad value, in one sentence.
+    """
+    settings = Settings.from_env(environ).with_flags(
+        home=args.home, fast=args.fast, gpu_concurrency=args.gpu_concurrency, mcp=args.mcp, host=args.host,
+        port=args.port)
     if args.tiny_models:
         from mmdemo.models.tiny import TINY_FOR_TASK, tiny_more_for_task, write_tiny_models
 
-        target = home / "tiny-models" if not problem else Path(tempfile.mkdtemp(prefix="mmdemo-tiny-"))
+        target = (settings.home / "tiny-models" if not ensure_writable(settings.home)
+                  else Path(tempfile.mkdtemp(prefix="mmdemo-tiny-")))
         folders = write_tiny_models(target)
-        checkpoints = {task: str(folders[name].resolve()) for task, name in TINY_FOR_TASK.items()}
-        more = {task: ",".join(str(folders[name].resolve()) for name in names)
-                for task, names in tiny_more_for_task().items()}
-    for task in TASKS:
-        flag = getattr(args, f"{task}_model")
-        if flag:
-            checkpoints[task] = flag
-        if getattr(args, f"{task}_more_models", None):
-            more[task] = getattr(args, f"{task}_more_models")
-    for task, checkpoint in checkpoints.items():
-        os.environ[TASKS[task].env_var] = checkpoint  # so the CLI and jobs started from here agree
-    for task, checkpoints_text in more.items():
-        os.environ[TASKS[task].more_env_var] = checkpoints_text
-    return UIContext(checkpoints=checkpoints, tiny=args.tiny_models,
-                     gpu_concurrency=max(1, args.gpu_concurrency), max_batch_size=max(1, args.max_batch_size))
+        settings = settings.with_flags(
+            models={task: str(folders[name].resolve()) for task, name in TINY_FOR_TASK.items()},
+            more_models={task: tuple(str(folders[name].resolve()) for name in names)
+                         for task, names in tiny_more_for_task().items()})
+    models = {task: getattr(args, f"{task}_model") for task in TASKS if getattr(args, f"{task}_model")}
+    more = {task: parse_checkpoints(f"--{task.replace('_', '-')}-more-models",
+                                    getattr(args, f"{task}_more_models", None)) for task in TASKS}
+    settings = settings.with_flags(models=models, more_models={t: c for t, c in more.items() if c is not None})
+    check_task_names(settings)
+    return settings
+
+
+def configure(args: argparse.Namespace, environ: dict[str, str] | None = None) -> UIContext:
+    """The UI context for these flags: :func:`app_settings` and the UI's own options. Changes no environment and
+    installs nothing (:func:`main` does)."""
+    settings = app_settings(args, environ)
+    return UIContext(settings=settings, tiny=args.tiny_models, gpu_concurrency=settings.gpu_concurrency,
+                     max_batch_size=max(1, args.max_batch_size))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.mcp and importlib.util.find_spec("mcp") is None:
+    try:
+        ctx = configure(args)
+    except InputError as err:
+        sys.exit(f"mmdemo: {err}")
+    settings = ctx.settings
+    if settings.mcp and importlib.util.find_spec("mcp") is None:
         sys.exit(f"mmdemo: --mcp needs the mcp package: pip install 'mcp{MCP_REQUIREMENT}'.")
-    ctx = configure(args)
+    install(settings)  # what every get_settings() of this process returns from now on; workers get it too
     demo = build_app(ctx, warm_up=not args.no_warm_up)
-    if args.mcp:  # said here, not as a web server that fails to start (restrict_mcp_tools checks it too)
+    if settings.mcp:  # said here, not as a web server that fails to start (restrict_mcp_tools checks it too)
         public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
         if missing := [name for name in mcp_tool_names() if name not in public]:
             raise RuntimeError(f"MCP_TOOLS names {', '.join(missing)}, which no public endpoint has as its api_name.")
-    demo.queue(max_size=int(os.environ.get("MMDEMO_QUEUE_SIZE", "64")),
-               default_concurrency_limit=ctx.gpu_concurrency)
-    demo.launch(server_name=args.host, **launch_kwargs(args.port, mcp=args.mcp))
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=ctx.gpu_concurrency)
+    demo.launch(server_name=settings.host, **launch_kwargs(mcp=settings.mcp, settings=settings))
 
 
-__all__ = ["MCP_PATH", "TABS", "build_app", "configure", "launch_kwargs", "main", "mcp_tool_names", "parse_args",
-           "restrict_mcp_tools"]
+__all__ = ["MCP_PATH", "TABS", "app_settings", "build_app", "configure", "launch_kwargs", "main", "mcp_tool_names",
+           "parse_args", "restrict_mcp_tools"]

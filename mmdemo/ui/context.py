@@ -1,4 +1,5 @@
-"""What every tab module gets from the app builder: checkpoints, limits on GPU work, the open Blocks/Tab."""
+"""What every tab module gets from the app builder: the settings, checkpoints, limits on GPU work, the open
+Blocks/Tab."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmdemo.config import Settings, get_settings
 from mmdemo.models.loading import checkpoint_name, more_checkpoints, resolve_checkpoint
 
 GPU_QUEUE = "gpu"  # concurrency_id shared by every event that runs a model
@@ -15,8 +17,10 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 @dataclass
 class UIContext:
-    checkpoints: dict[str, str] = field(default_factory=dict)  # task -> checkpoint (else env / registry default)
-    # task -> the other base models its Model list offers (else MMDEMO_<TASK>_MORE_MODELS / the registry's)
+    # the app's settings (flags over environment, built once by app.main); default: get_settings() at creation
+    settings: Settings = field(default_factory=get_settings)
+    checkpoints: dict[str, str] = field(default_factory=dict)  # task -> checkpoint (else settings / registry default)
+    # task -> the other base models its Model list offers (else the settings' more_models / the registry's)
     more: dict[str, list[str]] = field(default_factory=dict)
     tiny: bool = False  # running on the random tiny checkpoints: outputs are meaningless
     gpu_concurrency: int = 1  # model events running at once, all tabs together
@@ -27,10 +31,10 @@ class UIContext:
     ready: Any = None  # like ``demo.load``, but runs once ``browser_id`` is set
 
     def checkpoint(self, task: str) -> str:
-        return self.checkpoints.get(task) or resolve_checkpoint(task)
+        return self.checkpoints.get(task) or resolve_checkpoint(task, settings=self.settings)
 
     def base_models(self, task: str) -> BaseModels:
-        more = self.more[task] if task in self.more else more_checkpoints(task)
+        more = self.more[task] if task in self.more else more_checkpoints(task, self.settings)
         return BaseModels(task, self.checkpoint(task), tuple(c for c in more if c != self.checkpoint(task)))
 
 

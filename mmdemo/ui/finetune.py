@@ -28,7 +28,7 @@ import gradio as gr
 import pandas as pd
 
 from mmdemo import jobs
-from mmdemo.config import folder_problem, get_settings
+from mmdemo.config import Settings, folder_problem, get_settings
 from mmdemo.data import example_zip, plural
 from mmdemo.errors import InputError, JobError, MMDemoError
 from mmdemo.jobs.evaluate import METRICS, verdict
@@ -39,15 +39,6 @@ from mmdemo.ui.context import CHECK_CONCURRENCY, DETAILED, UIContext
 TITLE = "Fine-tune"
 log = logging.getLogger(__name__)
 
-TASK_HELP = {
-    "caption": "images, each with a description: `metadata.csv` with the columns `file_name,text`",
-    "vqa": "images with questions and answers: `metadata.csv` with the columns `file_name,question,answer` "
-           "(several rows per image are fine)",
-    "retrieval": "sound clips, each with a description: `metadata.csv` with the columns `file_name,text`",
-    "image_search": "images, each with a description to find it by: `metadata.csv` with the columns "
-                    "`file_name,text`",
-}
-TAB_OF_TASK = {"caption": "Caption", "vqa": "Visual QA", "retrieval": "Audio search", "image_search": "Image search"}
 PRESET_HELP = {"quick": "Quick: a few minutes (rank 8, at least 60 steps)",
                "balanced": "Balanced: about twice as long (rank 16, at least 150 steps)",
                "thorough": "Thorough: about five times as long (rank 32, at least 300 steps)"}
@@ -66,12 +57,15 @@ FIELD_INFO = {
     "min_steps": "Training runs at least this many steps (0 to 100,000), so a small dataset gets more epochs "
                  "than asked for.",
 }
+def preview_headers(task: str) -> list[str]:
+    """The columns of the dataset preview: the file and the task's metadata columns."""
+    return ["file_name", *TASKS[task].columns]
+
+
 JOB_HEADERS = ["adapter", "task", "status", "submitted", "job"]
 ADAPTER_HEADERS = ["name", "task", "created (UTC)", "preset", "score on held-out examples", "shared"]
 METRIC_HEADERS = ["measure", "base model", "fine-tuned", "change"]
 EXAMPLE_HEADERS = ["example", "fine-tuned model", "expected", "base model"]
-PREVIEW_HEADERS = {"caption": ["file_name", "text"], "vqa": ["file_name", "question", "answer"],
-                   "retrieval": ["file_name", "text"], "image_search": ["file_name", "text"]}
 STAGES = ("checking the dataset", "loading the base model", "preparing the examples", "scoring the base model",
           "training", "scoring the fine-tuned model", "saving the adapter")
 STAGE_START = (0, 2, 4, 6, 10, 90, 96, 100)  # overall percent at which each stage starts (training is most)
@@ -90,12 +84,12 @@ def validate(upload, task: str) -> tuple[str, pd.DataFrame, dict | None]:
     task = task if task in TASKS else "caption"
     path = file_path(upload)
     if not path:
-        return (f"Upload a zip of your dataset: {TASK_HELP[task]}. Not sure how? Download the example dataset "
-                f"and look inside.", _table(PREVIEW_HEADERS[task]), None)
+        return (f"Upload a zip of your dataset: {TASKS[task].data_help}. Not sure how? Download the example dataset "
+                f"and look inside.", _table(preview_headers(task)), None)
     with tempfile.TemporaryDirectory(prefix="inspect-", dir=_scratch()) as workdir:  # a check only: nothing kept
         report = jobs.inspect_dataset(path, task, Path(workdir))
         rows = report.preview(8)
-    preview = _table(PREVIEW_HEADERS[task], [[r.get("file"), *(r.get(c, "") for c in PREVIEW_HEADERS[task][1:])]
+    preview = _table(preview_headers(task), [[r.get("file"), *(r.get(c, "") for c in preview_headers(task)[1:])]
                                              for r in rows])
     status = "**Ready to train.**" if report.ok else "**Not ready yet**: fix the problems below, then upload again."
     counts = {"train": len(report.train), "test": len(report.test)} if report.ok else None
@@ -614,7 +608,7 @@ def results(job: dict) -> tuple[str, pd.DataFrame, str, pd.DataFrame]:
     lines = [f"**{verdict(task, result.get('comparison'))}**" if result.get("comparison") else
              "**Scores on the held-out examples are below.**"]
     if _adapter_exists(job):
-        lines.append(f"Use it: pick **{name}** in the Model list of the {TAB_OF_TASK.get(task, task)} tab, or "
+        lines.append(f"Use it: pick **{name}** in the Model list of the {(TASKS[task].title if task in TASKS else task)} tab, or "
                      f"download it under “Your adapters” below.")
     else:
         lines.append(f"The adapter {name} of this job has been deleted.")
@@ -861,24 +855,25 @@ def _shown(fn):
     return user_errors(wrapper)
 
 
-def start_jobs() -> None:
-    """Start this app's dispatcher (idempotent; it resumes interrupted jobs and runs queued ones).
+def start_jobs(settings: Settings | None = None) -> None:
+    """Start this app's dispatcher (idempotent; it resumes interrupted jobs and runs queued ones); its workers run
+    with ``settings``, the app's (default: :func:`get_settings`).
 
     A data folder that cannot be written is said once at start-up (see ``mmdemo.ui.app``), and each
     Fine-tune action then answers with the same sentence; it must not stop the other tabs from serving.
     """
     try:
-        jobs.start_dispatcher()
+        jobs.start_dispatcher(settings=settings)
     except MMDemoError as err:  # said once by the app at start-up; each Fine-tune action says it again
         log.debug("fine-tuning is unavailable: %s", err)
 
 
 def warm_up(ctx: UIContext) -> None:
-    start_jobs()
+    start_jobs(ctx.settings)
 
 
 def build(ctx: UIContext) -> None:
-    start_jobs()
+    start_jobs(ctx.settings)
     browser_id = ctx.browser_id
     private = {"api_visibility": "private"}
     checked = {"concurrency_limit": CHECK_CONCURRENCY, "concurrency_id": "check"}
@@ -891,7 +886,7 @@ def build(ctx: UIContext) -> None:
             task = gr.Radio([(TASKS[t].title, t) for t in TASKS], value="caption", label="Task", elem_id="ft-task",
                             info="What the fine-tuned model should do: caption images, answer questions about "
                                  "images, or find sounds by their description.")
-            task_help = gr.Markdown(f"A zip of {TASK_HELP['caption']}. Optional `train/` and `test/` folders; "
+            task_help = gr.Markdown(f"A zip of {TASKS['caption'].data_help}. Optional `train/` and `test/` folders; "
                                     f"otherwise about 10% is held out to measure the result.")
             base_model = gr.Dropdown(base_model_names(ctx, "caption"), value="base", label="Base model",
                                      elem_id="ft-base-model",
@@ -904,7 +899,7 @@ def build(ctx: UIContext) -> None:
             upload = gr.File(label="Your dataset (zip)", file_types=[".zip"], elem_id="ft-upload")
         with gr.Column():
             report = gr.Markdown(validate(None, "caption")[0], elem_id="ft-report")
-            preview_table = gr.Dataframe(_table(PREVIEW_HEADERS["caption"]), label="First examples",
+            preview_table = gr.Dataframe(_table(preview_headers("caption")), label="First examples",
                                          interactive=False, wrap=True, elem_id="ft-preview", max_height=320)
     counts = gr.State(None)
     gr.Markdown("### 2. Name the adapter and submit")
@@ -979,7 +974,7 @@ def build(ctx: UIContext) -> None:
 
     # -- 1. the dataset
     def show_task_help(t):
-        return f"A zip of {TASK_HELP.get(t, TASK_HELP['caption'])}. Optional `train/` and `test/` folders; " \
+        return f"A zip of {(TASKS[t] if t in TASKS else TASKS['caption']).data_help}. Optional `train/` and `test/` folders; " \
                f"otherwise about 10% is held out to measure the result."
 
     validated = [report, preview_table, counts]

@@ -10,7 +10,6 @@ and strings; the page shows images by name and score, never a server path.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import gradio as gr
 
@@ -35,7 +34,7 @@ from mmdemo.ui.common import (
     show_run_info,
     user_errors,
 )
-from mmdemo.ui.context import ASSETS, CHECK_CONCURRENCY, GPU_QUEUE, UIContext
+from mmdemo.ui.context import CHECK_CONCURRENCY, GPU_QUEUE, UIContext
 
 TITLE = "Image search"
 TASK = search.TASK
@@ -50,8 +49,7 @@ SCORE_NOTE = ("Score: how alike the two are for the model (cosine similarity, fr
 TOP_K_INFO = "How many of the best matches to show."
 
 
-def bundled_images() -> list[Path]:
-    return sorted(p for p in (ASSETS / "images").glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+bundled_images = search.bundled_images  # the pictures every new library starts with
 
 
 def _embedder(checkpoint: str | None, adapter: str | None = None) -> ImageEmbedder:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdemo.errors import MMDemoError
+from mmdemo.models.loading import loaded_models
 from mmdemo.models.registry import TASKS
 from mmdemo.ui import gpu
 from mmdemo.ui.common import device_label, model_name
@@ -87,9 +88,12 @@ class ModelStatus:
         with self._lock:
             return all(v not in PENDING for v in self.state.values())
 
-    def markdown(self, checkpoints: dict[str, str]) -> str:
+    def markdown(self, checkpoints: dict[str, str], more: dict[str, list[str]] | None = None) -> str:
         """One list item per model: ``Caption (blip-image-captioning-base): ready``, or why it could not load,
-        under a sentence saying that each tab works once its model is ready, and where the models run."""
+        under a sentence saying that each tab works once its model is ready, and where the models run.
+
+        ``more``: each task's other base models (the Model list's other entries), which are not loaded at start
+        (each would take memory most visitors never use): one line each, saying it loads when first chosen."""
         with self._lock:
             state, devices = dict(self.state), dict(self.devices)
         if not state:
@@ -106,6 +110,11 @@ class ModelStatus:
                 if checkpoint and checkpoint != model_name(checkpoint):  # a local folder: its name, not its path
                     value = value.replace(checkpoint, model_name(checkpoint))
                 lines.append(f"- {label}: **could not load** — {value}")
+        loaded = {(m.task, m.checkpoint) for m in loaded_models()}
+        for task, extra in (more or {}).items():
+            for checkpoint in extra:
+                state_text = "ready" if (task, checkpoint) in loaded else "loads when first chosen in the Model list"
+                lines.append(f"- {model_label(task, checkpoint)}: {state_text}")
         where = sorted(set(devices.values()))
         runs_on = f" They run on {' and '.join(where)}." if where else ""
         return f"**Models.** Each tab works once its model is ready.{runs_on}\n\n" + "\n".join(lines)
