@@ -13,15 +13,16 @@ alternating; overhead = wall time of the request - time of the direct call. So t
 everything the app adds: the upload, the queue, Gradio's pre- and postprocessing, validation, decoding the
 image (once) and the answer's way back. Inputs: a
 1280x960 JPEG photo-like image, two questions for VQA, greedy decoding of 5 tokens (the model's share, and
-its noise on a busy machine, stay small), a text query new to the query cache each time. A
-reference row times the same HTTP calls against an echo endpoint in a bare Gradio app.
+its noise on a busy machine, stay small), a text query new to the query cache each time (audio search over the
+audio library, image search over the image library). A reference row times the same HTTP calls against an echo
+endpoint in a bare Gradio app.
 
-Start: ``python app.py --caption-model ... --vqa-model ... --retrieval-model ...`` with full-size random-weight
-checkpoints (BLIP caption, BLIP VQA, CLAP, built by bench/common.py; already on disk and in the page cache
-after the first start). Measured: launch to the first HTTP 200 of the page, launch to every model ready (the
-app's own "ready" lines), and the peak RSS (VmHWM) once the models are loaded and each tab answered one
-request. Baseline for loading: the three plain ``from_pretrained`` calls in a fresh process. The app's log
-must show each model ready once (nothing loaded twice; tests/test_app_start.py checks it in-process).
+Start: ``python app.py --caption-model ... --vqa-model ... --retrieval-model ... --image-search-model ...`` with
+full-size random-weight checkpoints (BLIP caption, BLIP VQA, CLAP, SigLIP base, built by bench/common.py; already
+on disk and in the page cache after the first start). Measured: launch to the first HTTP 200 of the page, launch
+to every model ready (the app's own "ready" lines), and the peak RSS (VmHWM) once the models are loaded and each
+tab answered one request. Baseline for loading: the four plain ``from_pretrained`` calls in a fresh process. The
+app's log must show each model ready once (nothing loaded twice; tests/test_app_start.py checks it in-process).
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def overhead_rows(args, work: Path, device: str) -> list[dict]:
     from conftest import serve_app
     from mmdemo.media import load_image
     from mmdemo.models import caption as caption_model
+    from mmdemo.models import image_search
     from mmdemo.models import vqa as vqa_model
     from mmdemo.models.generation import CAPTION_DEFAULTS, VQA_DEFAULTS
     from mmdemo.models.loading import load
@@ -167,6 +169,8 @@ def overhead_rows(args, work: Path, device: str) -> list[dict]:
         http.call("search_audio", "warm-up", 5, "base", None)  # builds the library
         library = next((work / "home-overhead" / "indexes").glob("library-*"))
         index, emb = AudioIndex.open(library), Embedder(models["retrieval"])
+        http.call("search_images", "warm-up", 5, "base", None)  # builds the image library (the bundled pictures)
+        pictures = image_search.embedder(models["image_search"])
 
         def text(i: int) -> str:
             return f"a {WORDS[i % 10]} and a {WORDS[(i * 3 + 1) % 10]}, take {i}"
@@ -179,6 +183,9 @@ def overhead_rows(args, work: Path, device: str) -> list[dict]:
                                                      model=models["vqa"])),
             "search_audio": (lambda i: http.call("search_audio", text(i), 5, "base", None),
                              lambda i: index.search_text(text(i) + " (direct)", emb, top_k=5)),
+            "search_images": (lambda i: http.call("search_images", text(i), 5, "base", None),
+                              lambda i: image_search.search_text(text(i) + " (direct)", pictures, k=5,
+                                                             seed=image_search.bundled_images())),
         }
         rows = []
         for name, (request, direct) in endpoints.items():
@@ -220,7 +227,7 @@ def _start_once(args, checkpoints: dict[str, str], work: Path, device: str, run:
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "MMDEMO_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "MMDEMO_DEVICE": device, "GRADIO_ANALYTICS_ENABLED": "False",
            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    flags = [x for task, folder in checkpoints.items() for x in (f"--{task}-model", folder)]
+    flags = [x for task, folder in checkpoints.items() for x in (f"--{task.replace('_', '-')}-model", folder)]
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
@@ -246,6 +253,7 @@ def _start_once(args, checkpoints: dict[str, str], work: Path, device: str, run:
             client.predict([image], "", 1, 5, "base", None, api_name="/caption")
             client.predict(image, "what is it?", 1, 5, "base", None, api_name="/vqa")
             client.predict("a high beep", 5, "base", None, api_name="/search_audio")
+            client.predict("a red circle", 5, "base", None, api_name="/search_images")
             peak = _rss_peak(proc.pid)
             loads = re.findall(r"mmdemo: (.+?): ready", log_path.read_text())
         finally:
@@ -258,14 +266,15 @@ def _start_once(args, checkpoints: dict[str, str], work: Path, device: str, run:
 
 
 def _plain_load(checkpoints: dict[str, str], device: str) -> float:
-    """Seconds for the three plain ``from_pretrained`` calls (and processors) in a fresh process."""
+    """Seconds for the four plain ``from_pretrained`` calls (and processors) in a fresh process."""
     code = (
         "import sys, time, json\n"
         "t0 = time.perf_counter()\n"
         "import torch, transformers as T\n"
         "c = json.loads(sys.argv[1])\n"
         "for cls, proc, task in [('BlipForConditionalGeneration', 'BlipProcessor', 'caption'),"
-        " ('BlipForQuestionAnswering', 'BlipProcessor', 'vqa'), ('ClapModel', 'ClapProcessor', 'retrieval')]:\n"
+        " ('BlipForQuestionAnswering', 'BlipProcessor', 'vqa'), ('ClapModel', 'ClapProcessor', 'retrieval'),"
+        " ('SiglipModel', 'SiglipProcessor', 'image_search')]:\n"
         "    getattr(T, cls).from_pretrained(c[task], dtype=torch.float32).to(sys.argv[2]).eval()\n"
         "    getattr(T, proc).from_pretrained(c[task])\n"
         "print(time.perf_counter() - t0)\n"
@@ -278,7 +287,8 @@ def _plain_load(checkpoints: dict[str, str], device: str) -> float:
 
 
 def start_rows(args, work: Path, device: str) -> list[dict]:
-    names = {"caption": "blip-caption-base", "vqa": "blip-vqa-base", "retrieval": "clap-htsat-unfused"}
+    names = {"caption": "blip-caption-base", "vqa": "blip-vqa-base", "retrieval": "clap-htsat-unfused",
+             "image_search": "siglip-base-patch16-224"}
     checkpoints = {task: str(build_checkpoint(task, cache_dir() / ("tiny-" + task if args.tiny else name),
                                               tiny=args.tiny)) for task, name in names.items()}
     weights = sum(f.stat().st_size for folder in checkpoints.values() for f in Path(folder).glob("*.safetensors"))
@@ -293,12 +303,12 @@ def start_rows(args, work: Path, device: str) -> list[dict]:
     loads = starts[-1]["loads"]
     kind = "tiny" if args.tiny else "full-size"
     return [
-        {"measure": f"app start ({kind} BLIP caption + BLIP VQA + CLAP on disk): launch to page answering, "
+        {"measure": f"app start ({kind} BLIP caption + BLIP VQA + CLAP + SigLIP on disk): launch to page answering, "
                     f"median (min-max) of {len(starts)}",
          "baseline": "-", "ours": f"{fmt(percentile(pages, 50), 's')} ({fmt(min(pages), 's')}-{fmt(max(pages), 's')})",
          "ratio": "-", "target": "<= 10 s"},
-        {"measure": "app start: launch to every model ready (baseline: the 3 plain from_pretrained in a fresh "
-                    "process, imports included)",
+        {"measure": f"app start: launch to every model ready (baseline: the {len(checkpoints)} plain "
+                    "from_pretrained in a fresh process, imports included)",
          "baseline": f"{fmt(percentile(plain, 50), 's')} ({fmt(min(plain), 's')}-{fmt(max(plain), 's')})",
          "ours": f"{fmt(percentile(readies, 50), 's')} ({fmt(min(readies), 's')}-{fmt(max(readies), 's')})",
          "ratio": f"{percentile(plain, 50) / percentile(readies, 50):.2f}x", "target": ""},

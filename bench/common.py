@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: full-size random-weight checkpoints, timing, the results file.
 
-Checkpoints are built from the default checkpoints' configs (BLIP-base, CLAP HTSAT-unfused) with random
-weights and written in the Hugging Face layout, so the project loads them through its normal path and
+Checkpoints are built from the default checkpoints' configs (BLIP-base, CLAP HTSAT-unfused, SigLIP base) with
+random weights and written in the Hugging Face layout, so the project loads them through its normal path and
 the baseline through plain ``from_pretrained``; no Hub access is needed. Generation lengths are forced
 (min = max new tokens), so timings do not depend on the weights.
 """
@@ -68,16 +68,33 @@ def build_checkpoint(task: str, out: Path, tiny: bool = False) -> Path:
         model.save_pretrained(out)
         BlipProcessor(image_processor=BlipImageProcessor(size={"height": 384, "width": 384}),
                       tokenizer=tok).save_pretrained(out)
+    elif task == "image_search":
+        import tempfile
+
+        from transformers import SiglipConfig, SiglipModel, SiglipProcessor
+        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+        from mmdemo.models.siglip import _tiny_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:  # a small SentencePiece vocabulary; the embedding table is full
+            tok = _tiny_tokenizer(Path(tmp))
+            # the defaults are google/siglip-base-patch16-224's sizes (32,000 tokens, 768 wide, 12 + 12 layers, 224 px)
+            text = {"pad_token_id": tok.pad_token_id, "bos_token_id": None, "eos_token_id": tok.eos_token_id}
+            SiglipModel(SiglipConfig(text_config=text)).save_pretrained(out)
+            SiglipProcessor(image_processor=SiglipImageProcessorPil(size={"height": 224, "width": 224}),
+                            tokenizer=tok).save_pretrained(out)
     else:
         from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
 
-        from mmdemo.models.tiny import _roberta_tokenizer
+        from mmdemo.models import tiny
 
+        # the tiny models' byte-level BPE (mmdemo.models.tiny.bpe_tokenizer; _roberta_tokenizer before it)
+        roberta = getattr(tiny, "_roberta_tokenizer", None) or (lambda: tiny.bpe_tokenizer("RobertaTokenizer"))
         model = ClapModel(ClapConfig())
         model.save_pretrained(out)
         fe = ClapFeatureExtractor(feature_size=64, sampling_rate=48000, hop_length=480, max_length_s=10,
                                   fft_window_size=1024, padding="repeatpad", truncation="rand_trunc")
-        ClapProcessor(feature_extractor=fe, tokenizer=_roberta_tokenizer()).save_pretrained(out)
+        ClapProcessor(feature_extractor=fe, tokenizer=roberta()).save_pretrained(out)
     return out
 
 

@@ -25,9 +25,20 @@ Env vars:
                              forever (default 7). The job's record, scores and adapter stay: adapters are kept
                              until their owner deletes them.
     MMDEMO_JOB_SLOTS         fine-tuning jobs running at once (default: one per GPU, 1 on CPU)
+    MMDEMO_RAY_ADDRESS       run fine-tuning jobs on this Ray cluster (``host:6379``, ``auto``) instead of in local
+                             worker processes; MMDEMO_HOME must then be a folder every node reaches at the same
+                             path (see mmdemo/jobs/ray_backend.py). Default: unset, local workers
+    MMDEMO_RAY_RESOURCES     what one job asks the cluster for, a JSON object of Ray resources, e.g.
+                             ``{"GPU": 1, "CPU": 4}`` or a custom node label (default: one GPU if the cluster
+                             has GPUs, else one CPU)
+    MMDEMO_JOBS_DB           a PostgreSQL URL (postgresql://user@host:5432/db) for a job queue several app
+                             replicas share (they share MMDEMO_HOME too; see mmdemo/jobs/pg_queue.py); default:
+                             empty, the SQLite queue in MMDEMO_HOME
     MMDEMO_GPU_CONCURRENCY   model calls of the web app running at once, all tabs together (default 1)
     MMDEMO_QUEUE_SIZE        requests waiting in the web app's queue (default 64)
     MMDEMO_MCP               1 also serves the model tools to MCP clients (default 0: off)
+    MMDEMO_VECTOR_INDEX_ROWS from this many rows on, an audio or image library searches an on-disk FAISS IVF index
+                             (approximate, memory-mapped) instead of scoring every row (default 200000)
     GRADIO_SERVER_NAME       address the web app listens on (default: Gradio's, 127.0.0.1)
     GRADIO_SERVER_PORT       port of the web app (default 7860)
 
@@ -38,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import math
 import os
 import re
@@ -90,6 +102,20 @@ def _env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in _FALSE:
         return False
     raise InputError(f"{name} must be 1 (on) or 0 (off), but it is {raw!r}.")
+
+
+def _env_json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:
+    """A JSON object, e.g. ``{"GPU": 1}``; ``{}`` when unset or empty."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InputError(f'{name} must be a JSON object such as {{"GPU": 1}}, but it is {raw!r}.')
+    return value
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
@@ -203,6 +229,11 @@ class Settings:
     mcp: bool = False  # also serve the model tools to MCP clients
     host: str | None = None  # address the web app listens on; None: Gradio's default
     port: int = 7860
+    # libraries of this many rows or more search an on-disk IVF index (mmdemo.models.vector_index), not every row
+    vector_index_rows: int = 200_000
+    ray_address: str | None = None  # a Ray cluster to run jobs on (mmdemo.jobs.ray_backend); None: local workers
+    ray_resources: dict[str, float] = field(default_factory=dict)  # what one job asks for; {}: 1 GPU if any, else 1 CPU
+    jobs_database: str | None = None  # MMDEMO_JOBS_DB: a PostgreSQL URL; None: the SQLite queue in ``home``
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "home", Path(self.home))
@@ -223,6 +254,15 @@ class Settings:
                 raise InputError(f"{var} must be 1 or more, not {value}.")
         if not 0 < self.port < 65536:
             raise InputError(f"GRADIO_SERVER_PORT (--port) must be a port number from 1 to 65535, not {self.port}.")
+        if self.vector_index_rows < 1:
+            raise InputError(f"MMDEMO_VECTOR_INDEX_ROWS must be 1 or more rows, not {self.vector_index_rows}.")
+        for name, amount in self.ray_resources.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not amount > 0:
+                raise InputError(f"MMDEMO_RAY_RESOURCES must give each resource a number above 0, like "
+                                 f'{{"GPU": 1}}, but {name!r} is {amount!r}.')
+        if self.jobs_database is not None and not self.jobs_database.startswith(("postgresql://", "postgres://")):
+            raise InputError("MMDEMO_JOBS_DB must be a PostgreSQL URL such as postgresql://user@host:5432/mmdemo, "
+                             "or empty for the built-in SQLite queue.")  # not the value: it may hold a password
         for task, checkpoint in self.models.items():
             if not str(checkpoint).strip():
                 raise InputError(f"{model_var(task)} must name a checkpoint (a Hub id or a folder), not be empty.")
@@ -260,6 +300,10 @@ class Settings:
             mcp=_env_flag(env, "MMDEMO_MCP", cls.mcp),
             host=(env.get("GRADIO_SERVER_NAME") or "").strip() or None,
             port=_env_int(env, "GRADIO_SERVER_PORT", cls.port),
+            vector_index_rows=_env_int(env, "MMDEMO_VECTOR_INDEX_ROWS", cls.vector_index_rows),
+            ray_address=(env.get("MMDEMO_RAY_ADDRESS") or "").strip() or None,
+            ray_resources=_env_json_object(env, "MMDEMO_RAY_RESOURCES"),
+            jobs_database=(env.get("MMDEMO_JOBS_DB") or "").strip() or None,
         )
 
     def with_flags(self, **flags: Any) -> Settings:
@@ -296,11 +340,15 @@ class Settings:
             "MMDEMO_QUEUE_SIZE": str(self.queue_size),
             "MMDEMO_MCP": "1" if self.mcp else "0",
             "GRADIO_SERVER_PORT": str(self.port),
+            "MMDEMO_VECTOR_INDEX_ROWS": str(self.vector_index_rows),
         }
         for name, value in (("MMDEMO_DEVICE", self.device), ("MMDEMO_DTYPE", self.dtype),
-                            ("MMDEMO_JOB_SLOTS", self.job_slots), ("GRADIO_SERVER_NAME", self.host)):
+                            ("MMDEMO_JOB_SLOTS", self.job_slots), ("GRADIO_SERVER_NAME", self.host),
+                            ("MMDEMO_RAY_ADDRESS", self.ray_address), ("MMDEMO_JOBS_DB", self.jobs_database)):
             if value is not None:
                 env[name] = str(value)
+        if self.ray_resources:
+            env["MMDEMO_RAY_RESOURCES"] = json.dumps(self.ray_resources, sort_keys=True)
         return env
 
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -337,7 +385,8 @@ SETTINGS_VARS = frozenset((
     "MMDEMO_HOME", "MMDEMO_DEVICE", "MMDEMO_DTYPE", "MMDEMO_MAX_IMAGE_PIXELS", "MMDEMO_MAX_IMAGE_MB",
     "MMDEMO_MAX_AUDIO_MB", "MMDEMO_MAX_AUDIO_SECONDS", "MMDEMO_MIN_AUDIO_SECONDS", "MMDEMO_MAX_QUEUED_JOBS",
     "MMDEMO_KEEP_RUNS_DAYS", "MMDEMO_FAST", "MMDEMO_JOB_SLOTS", "MMDEMO_GPU_CONCURRENCY", "MMDEMO_QUEUE_SIZE",
-    "MMDEMO_MCP", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT",
+    "MMDEMO_MCP", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "MMDEMO_RAY_ADDRESS", "MMDEMO_RAY_RESOURCES",
+    "MMDEMO_JOBS_DB", "MMDEMO_VECTOR_INDEX_ROWS",
 ))
 
 _INSTALLED: Settings | None = None

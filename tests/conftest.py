@@ -327,3 +327,59 @@ def run_next_job() -> str:
     job = get_queue().claim(1)
     assert job is not None
     return run_job(job.id)
+
+
+# ------------------------------------------------------------------- a throwaway PostgreSQL server (the jobs queue)
+def postgres_bindir() -> Path | None:
+    """Where Debian's PostgreSQL server programs are (``initdb``, ``pg_ctl``): on the PATH or the newest
+    ``/usr/lib/postgresql/<version>/bin``; ``None`` where none is installed."""
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return Path(found).parent
+    versions = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/pg_ctl") if p.parent.parent.name.isdigit()]
+    return max(versions, key=lambda p: int(p.parent.name), default=None)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of its own for the session, on a free local port, its files in a temporary folder;
+    yields the URL of its ``postgres`` database (trust login as ``postgres``) and is stopped at the end.
+
+    As root it runs as the ``postgres`` user (PostgreSQL refuses to run as root). Skipped only where no server
+    programs are installed at all; ``scripts/test.sh`` installs Debian's ``postgresql`` package where it can,
+    so CI runs these tests.
+    """
+    import shutil
+    import tempfile
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server programs (initdb, pg_ctl) here: install Debian's postgresql package "
+                    "(scripts/test.sh does, as root)")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="mmdemo-pg-"))  # not under pytest's root-only tmp folders
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", free_port()
+
+    def run(*args: str) -> None:
+        out = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            log = (folder / "log.txt").read_text() if (folder / "log.txt").is_file() else ""
+            raise RuntimeError(f"{' '.join(args[:2])} failed: {out.stdout}{out.stderr}{log}")
+
+    run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C",
+        "--no-sync")
+    options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+               f"-c full_page_writes=off -c max_connections=200")
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log.txt"), "-w", "-t", "60", "-o", options,
+        "start")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)

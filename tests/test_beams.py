@@ -168,3 +168,73 @@ def test_cross_attention_keys_once_per_image_and_never_copied(sensitive, images)
     before = cross.keys
     caches[0].reorder_cache(torch.tensor([1, 0, 2, 3, 4, 9, 8, 7, 6, 5]))
     assert cross.keys is before  # reordering beams leaves the per-image keys alone
+
+
+def test_vision_fused_attention_inside_encode_images_only(sensitive, images, monkeypatch):
+    """encode_images runs the vision encoder's attention as one fused kernel (same features to float rounding);
+    a direct call of the vision model, asking for attention weights, still gets transformers' forward."""
+    model, processor = _plain("vqa", sensitive["vqa"])
+    pixel_values = processor(images=images[:3], return_tensors="pt")["pixel_values"]
+    calls: list[tuple] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.inference_mode():
+        plain = model.vision_model(pixel_values=pixel_values)[0]
+        assert not calls
+        ours = beams.encode_images(model, pixel_values)
+        assert len(calls) == model.config.vision_config.num_hidden_layers * 2  # VISION_CHUNK=2: 2 + 1 images
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+        calls.clear()
+        out = model.vision_model(pixel_values=pixel_values, output_attentions=True)
+    assert not calls and out.attentions is not None and all(a is not None for a in out.attentions)
+
+
+def test_few_rows_decode_on_one_thread_and_the_count_comes_back(sensitive, images, monkeypatch):
+    """A decode of a few rows (one image, 3 beams) runs on DECODE_THREADS threads; a batch keeps them all; the
+    count is restored afterwards (also after an error) and nested users share one setting."""
+    model, processor = _plain("vqa", sensitive["vqa"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    generate = model.text_decoder.generate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model.text_decoder, "generate", spy)
+    try:
+        for n in (1, 4):
+            inputs = processor(images=images[:n], text=["what color?"] * n, return_tensors="pt")
+            kwargs = GenerationOptions(num_beams=3, max_new_tokens=4, min_new_tokens=1).kwargs()
+            with torch.inference_mode():
+                beams.answer_generate(model, beams.encode_images(model, inputs["pixel_values"]), inputs["input_ids"],
+                                      inputs["attention_mask"], **kwargs)
+            assert torch.get_num_threads() == 2
+        assert seen == [beams.DECODE_THREADS, 2]  # 3 rows: one thread; 12 rows (> DECODE_FEW_ROWS): both
+        with beams._decode_threads("cpu", 3):
+            with beams._decode_threads("cpu", 3):
+                assert torch.get_num_threads() == beams.DECODE_THREADS
+            assert torch.get_num_threads() == beams.DECODE_THREADS
+        with pytest.raises(RuntimeError), beams._decode_threads("cpu", 3):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_onednn_keeps_torch_kernel_for_many_rows():
+    """Inputs of ONEDNN_MAX_ROWS rows or more (577 image tokens) take F.linear itself: bit-identical to it."""
+    from mmdemo.models import kernels
+
+    layer = torch.nn.Linear(768, 512).eval()  # 393k elements: above ONEDNN_MIN_WEIGHT
+    many = torch.randn(1, kernels.ONEDNN_MAX_ROWS + 65, 768)
+    with torch.inference_mode():
+        assert torch.equal(onednn_forward(layer, many), torch.nn.functional.linear(many, layer.weight, layer.bias))
+        few = many[:, :8]
+        torch.testing.assert_close(onednn_forward(layer, few), layer(few), rtol=1e-5, atol=1e-5)

@@ -30,6 +30,20 @@ def test_bench_smoke(bench, tmp_path):
         assert row["ratio"].endswith("x") and float(row["ratio"][:-1]) > 0
 
 
+def test_vector_index_bench_smoke(tmp_path):
+    """bench/vector_index.py --quick: 20,000 random and clustered rows, exact search and the FAISS IVF index."""
+    pytest.importorskip("faiss")
+    env = {**os.environ, "MMDEMO_BENCH_CACHE": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "bench/vector_index.py", "--quick"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["bench"] == "vector index (quick smoke)"
+    by_kind = {(r["kind"], r["engine"].split()[0]): r for r in record["rows"]}
+    assert by_kind[("random", "exact")]["recall"] == 1.0 and by_kind[("clustered", "FAISS")]["recall"] >= 0.9
+    assert all(r["p50_s"] > 0 for r in record["rows"])
+
+
 def test_app_bench_smoke(tmp_path):
     """bench/app.py on the tiny models: overhead per endpoint, the start, the peak RSS, each model loaded once."""
     env = {**os.environ, "MMDEMO_BENCH_CACHE": str(tmp_path), "MMDEMO_DEVICE": "cpu", "TMPDIR": str(tmp_path)}
@@ -38,10 +52,10 @@ def test_app_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     measures = [row["measure"] for row in record["rows"]]
-    for name in ("caption", "vqa", "search_audio"):
+    for name in ("caption", "vqa", "search_audio", "search_images"):
         assert any(m.startswith(f"{name}: app overhead") for m in measures), measures
     assert any(m.startswith("app start") for m in measures) and any(m.startswith("peak RSS") for m in measures)
-    assert record["rows"][-1]["ours"].startswith("3: ")  # three models, each loaded once
+    assert record["rows"][-1]["ours"].startswith("4: ")  # four models, each loaded once
 
 
 def test_gpu_check_smoke(tmp_path):

@@ -260,6 +260,28 @@ def test_start_up_removes_half_written_files_and_keeps_complete_ones(home, systm
     assert not retention.clean_leftovers(queue)  # nothing more to find
 
 
+def test_a_shared_home_keeps_a_fresh_save_whose_pid_is_not_alive_here(home):
+    """With a job store several replicas share, the pid in a half-written file's name may be another machine's
+    process: only the file's age says it is abandoned."""
+    queue = get_queue()
+    dead = _dead_pid()
+    save = _fill(home / "adapters" / f".caption-z.tmp-{dead}", 100, "adapter_model.safetensors")
+
+    class Shared:  # the shared-store queue names its machine (mmdemo.jobs.pg_queue.PostgresQueue.machine)
+        machine = "another-host"
+
+        def __getattr__(self, name):
+            return getattr(queue, name)
+
+    assert not retention.clean_leftovers(Shared()) and save.exists()
+    old = time.time() - 2 * retention.LEFTOVER_SECONDS
+    os.utime(save, (old, old))
+    for f in save.rglob("*"):
+        os.utime(f, (old, old))
+    retention.clean_leftovers(Shared())
+    assert not save.exists()
+
+
 # ------------------------------------------------------------------------------------------------- polling
 def test_a_page_reads_only_the_events_it_has_not_seen(home, archive, tiny_models, monkeypatch):
     queue = get_queue()

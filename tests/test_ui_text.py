@@ -209,6 +209,8 @@ def test_model_status_reads_as_sentences_without_server_paths(tmp_path):
     assert "- Audio search (clap): loading (the first start can take a few minutes)" in text
     assert str(tmp_path) not in text and not EMOJI.search(text)
     # the tabs' other base models load on first use; the box says so, each by its name
+    status = ModelStatus()
+    status.state = {"caption": "ready"}
     more = status.markdown({"caption": "x/blip"}, more={"caption": [str(tmp_path / "florence2")],
                                                         "vqa": ["HuggingFaceTB/SmolVLM-256M-Instruct"]})
     assert "- Caption (florence2): loads when first chosen in the Model list" in more

@@ -16,7 +16,8 @@ Public API (the Fine-tune tab and the CLI use only this)::
     jobs.disk_usage("alice")         # bytes of alice's run folders and adapters: {"jobs", "adapters", "total"}
     jobs.finetune(task, data, out, ...)   # the training itself, in the foreground (CLI, worker)
 
-Modules: ``queue`` (JobQueue interface + SQLite backend), ``dispatcher`` (worker processes, recovery),
+Modules: ``queue`` (JobQueue interface + SQLite backend; ``get_queue`` picks the backend), ``pg_queue`` (the same
+queue in PostgreSQL, shared by several app replicas: ``MMDEMO_JOBS_DB``), ``dispatcher`` (worker processes, recovery),
 ``worker`` (one job), ``train`` (Trainer + peft LoRA), ``evaluate`` (metrics), ``adapters`` (artifacts),
 ``retention`` (what is kept on disk and for how long, clean-ups, disk usage), ``cli`` (``python -m mmdemo finetune``).
 """

@@ -9,7 +9,9 @@ It runs as a daemon thread in the app (:func:`start_dispatcher`) or in the foreg
 2. stops cancelled running jobs that are still alive (SIGTERM to the worker's process group, SIGKILL after
    a grace period), which frees the GPU;
 3. requeues running jobs whose worker is gone (the app or the machine was restarted): they resume from
-   their last checkpoint; a worker that outlived the app (it runs in its own session) is left to finish;
+   their last checkpoint; a worker that outlived the app (it runs in its own session) is left to finish; a job
+   another machine claimed (replicas sharing a PostgreSQL queue, :mod:`mmdemo.jobs.pg_queue`) is judged by its
+   heartbeat alone, requeued once it is ``STALE_SECONDS`` old, and never signalled from here;
 4. starts queued jobs while fewer than ``slots`` run (the settings' ``job_slots``, ``MMDEMO_JOB_SLOTS``; default
    one per GPU, 1 on CPU). A worker runs with the dispatcher's settings (those it was given, else the
    process's): their :meth:`~mmdemo.config.Settings.to_env` variables replace the inherited ones in the child's
@@ -17,6 +19,9 @@ It runs as a daemon thread in the app (:func:`start_dispatcher`) or in the foreg
 5. at its first step and every ``CLEAN_SECONDS`` after, deletes half-written files that interrupted processes
    left behind (one warning line says what) and cleans finished jobs older than ``MMDEMO_KEEP_RUNS_DAYS`` (see
    :mod:`mmdemo.jobs.retention`).
+
+With ``MMDEMO_RAY_ADDRESS`` set, a claimed job runs as an actor on a Ray cluster node instead of a local worker, and
+steps 1-3 follow the actors (:mod:`mmdemo.jobs.ray_backend`; ray is imported only then).
 
 When a step fails (a full or read-only data folder, a database hiccup) the error is logged once, with its
 traceback, the loop backs off up to ``MAX_BACKOFF_SECONDS`` and says once when it works again.
@@ -73,6 +78,8 @@ def default_slots(settings: Settings | None = None) -> int:
     slots = (settings or get_settings()).job_slots
     if slots:
         return slots
+    if (settings or get_settings()).ray_address:
+        return 1  # this machine's GPUs say nothing of the cluster's: MMDEMO_JOB_SLOTS says how many jobs it runs
     try:
         import torch
 
@@ -93,7 +100,7 @@ class Dispatcher:
                  clean_every: float = CLEAN_SECONDS, worker_command: Sequence[str] = WORKER_COMMAND,
                  kill_grace: float = KILL_GRACE_SECONDS, settings: Settings | None = None):
         self._given_settings = settings
-        self.queue: JobQueue = queue or get_queue(settings.home if settings is not None else None)
+        self.queue: JobQueue = queue or get_queue(settings=settings)
         self.slots = slots or default_slots(settings)
         self.poll = poll
         self.clean_every = clean_every
@@ -105,11 +112,25 @@ class Dispatcher:
         self.cancel_seen: dict[str, float] = {}
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
+        self.cluster = None  # mmdemo.jobs.ray_backend.RayJobs, made at first use when MMDEMO_RAY_ADDRESS is set
 
     @property
     def settings(self) -> Settings:
         """The settings workers run with: the ones given, else the process's now."""
         return self._given_settings if self._given_settings is not None else get_settings()
+
+    def _cluster(self):
+        """The Ray cluster jobs run on (``MMDEMO_RAY_ADDRESS``), else ``None``: local workers. Imports ray only then."""
+        if self.cluster is None and self.settings.ray_address:
+            from mmdemo.jobs.ray_backend import RayJobs
+
+            self.cluster = RayJobs(self.queue, self.settings.ray_address, kill_grace=self.kill_grace)
+        return self.cluster
+
+    def pids_here(self, job: Job) -> bool:
+        """Whether the job's pid is one of this machine's: claimed here, or by a queue of one machine (SQLite
+        records no claimant). Another replica's job is judged by its heartbeat and never signalled from here."""
+        return job.claimed_by is None or job.claimed_by == getattr(self.queue, "machine", None)
 
     # ------------------------------------------------------------------------------------------------ steps
     def recover(self) -> None:
@@ -118,7 +139,13 @@ class Dispatcher:
         for job in self.queue.running():
             if job.id in self.children:
                 continue
+            if (cluster := self._cluster()) is not None and self.pids_here(job) and cluster.attach(job):
+                continue  # Ray: its actor runs on, and this dispatcher (restarted) follows it again
             fresh = job.heartbeat is not None and now - job.heartbeat < STALE_SECONDS
+            if not self.pids_here(job):  # another replica's job: its pid means nothing here, its heartbeat does
+                if not fresh:  # the queue checks the heartbeat again in the requeue's transaction
+                    self.queue.requeue(job.id, "The app replica running this job stopped answering")
+                continue
             if pid_alive(job.pid) and fresh:
                 continue
             if job.pid is None and fresh:
@@ -133,6 +160,8 @@ class Dispatcher:
             self._worker_exited(job_id, code)  # if this raises, the child stays listed and is looked at again
             del self.children[job_id]
             self.cancel_seen.pop(job_id, None)
+        if (cluster := self._cluster()) is not None:
+            cluster.poll()  # Ray: progress, logs, cancels and outcomes of the jobs' actors
 
     def _worker_exited(self, job_id: str, code: int) -> None:
         job = self.queue.get(job_id)
@@ -153,7 +182,7 @@ class Dispatcher:
         """
         now = time.monotonic()
         for job in self.queue.running():
-            if not job.cancel_requested or not job.pid:
+            if not job.cancel_requested or not job.pid or not self.pids_here(job):  # its replica stops it
                 continue
             if not pid_alive(job.pid):
                 if job.id not in self.children:  # a worker of an earlier app: nobody reaps it, so say it here
@@ -170,6 +199,9 @@ class Dispatcher:
     def start_jobs(self) -> None:
         settings = self.settings  # a bad setting raises here, before a job is claimed
         while (job := self.queue.claim(self.slots)) is not None:
+            if (cluster := self._cluster()) is not None:
+                cluster.start(job, settings)  # Ray: an actor on a node, no local process (a failure releases it)
+                continue
             try:
                 proc = self._spawn(job, settings)
             except OSError as err:
@@ -190,6 +222,7 @@ class Dispatcher:
         env = (settings or self.settings).child_env()
         env.pop("HF_TOKEN", None)
         env["MMDEMO_HOME"] = str(self.queue.home.absolute())  # the queue's jobs live there; the worker's cwd differs
+        env["MMDEMO_JOBS_DB"] = getattr(self.queue, "url", "")  # the worker opens this queue (empty: SQLite in home)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -264,6 +297,8 @@ class Dispatcher:
             for proc in self.children.values():
                 _signal(proc.pid, 9)
                 proc.wait(timeout=10)
+            if self.cluster is not None:  # Ray actors are detached: only this stops them (an app restart does not)
+                self.cluster.kill_all()
 
 
 _DISPATCHERS: dict[str, Dispatcher] = {}
@@ -276,7 +311,7 @@ def start_dispatcher(home: str | Path | None = None, slots: int | None = None,
 
     Its workers run with ``settings`` (default: :func:`get_settings` when a job starts).
     """
-    queue = get_queue(home if home is not None else settings.home if settings is not None else None)
+    queue = get_queue(home, settings=settings)
     with _LOCK:
         key = str(queue.path)
         if key not in _DISPATCHERS:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-from mmdemo.config import ensure_writable, folder_problem, get_settings
+from mmdemo.config import Settings, ensure_writable, folder_problem, get_settings
 from mmdemo.errors import InputError, JobError
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,9 @@ class Job:
     fingerprint: str | None = None  # of the dataset as uploaded: same data, task and settings = a duplicate
     plan: dict | None = None  # training plan: steps, epochs, examples (see train.training_plan)
     cleaned: float | None = None  # when its run folder was deleted and its step records thinned (retention)
+    # the machine whose dispatcher claimed it (pg_queue.machine_id); None: a one-machine queue (SQLite), whose
+    # pids are always this machine's
+    claimed_by: str | None = None
     position: int | None = None  # 1 = next to run (queued jobs only)
 
     @property
@@ -660,17 +663,26 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
-_QUEUES: dict[str, SQLiteQueue] = {}
+_QUEUES: dict[str, JobQueue] = {}
 _LOCK = threading.Lock()
 
 
-def get_queue(home: str | Path | None = None) -> SQLiteQueue:
-    """The queue for ``MMDEMO_HOME`` (or ``home``); one object per database path per process."""
-    home = Path(home) if home is not None else get_settings().home
-    key = str(home.resolve())
+def get_queue(home: str | Path | None = None, settings: Settings | None = None) -> JobQueue:
+    """The queue for ``MMDEMO_HOME`` (or ``home``) of ``settings`` (default: :func:`get_settings`): the SQLite one
+    in it, or with ``MMDEMO_JOBS_DB`` set the PostgreSQL one (:mod:`mmdemo.jobs.pg_queue`; run folders still under
+    ``home``). One object per database and home per process."""
+    settings = settings or get_settings()
+    home = Path(home) if home is not None else settings.home
+    database = settings.jobs_database
+    key = str(home.resolve()) if not database else f"{database} {home.resolve()}"
     with _LOCK:
         if key not in _QUEUES:
-            _QUEUES[key] = SQLiteQueue(home)
+            if database:
+                from mmdemo.jobs.pg_queue import PostgresQueue  # psycopg only where it is asked for
+
+                _QUEUES[key] = PostgresQueue(database, home)
+            else:
+                _QUEUES[key] = SQLiteQueue(home)
         return _QUEUES[key]
 
 

@@ -167,10 +167,13 @@ def _age(path: Path, now: float) -> float:
     return now - newest
 
 
-def _abandoned(path: Path, now: float, min_age: float) -> bool:
-    """Nothing writes ``path`` any more: the process named in it is gone, or it is older than ``min_age``."""
+def _abandoned(path: Path, now: float, min_age: float, shared: bool = False) -> bool:
+    """Nothing writes ``path`` any more: the process named in it is gone, or it is older than ``min_age``.
+
+    ``shared``: ``MMDEMO_HOME`` is shared by several machines (a shared job store), where the pid in a name may be
+    another machine's process: only the age tells."""
     match = _PID.search(path.name)
-    if match and not pid_alive(int(match.group(1))):
+    if match and not shared and not pid_alive(int(match.group(1))):
         return True
     return _age(path, now) > min_age
 
@@ -197,22 +200,23 @@ def clean_leftovers(queue: JobQueue, now: float | None = None, min_age: float = 
     docstring for the list); what a live process may still be writing stays."""
     now = now or time.time()
     home = queue.home
+    shared = getattr(queue, "machine", None) is not None  # replicas share the folder (mmdemo.jobs.pg_queue)
     found: list[tuple[str, Path]] = []
     for entry in _children(home / "adapters"):
         if entry.name.startswith(".deleting-"):
             found.append(("adapter_delete", entry))  # already gone from every listing: the rename is the delete
         elif entry.name.startswith(".") and ".tmp-" in entry.name and entry.is_dir():
-            if _abandoned(entry, now, min_age):
+            if _abandoned(entry, now, min_age, shared):
                 found.append(("adapter_save", entry))
         elif not entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink():
-            found += [("adapter_meta", f) for f in entry.glob(f".{ADAPTER_META}.tmp-*") if _abandoned(f, now, min_age)]
+            found += [("adapter_meta", f) for f in entry.glob(f".{ADAPTER_META}.tmp-*") if _abandoned(f, now, min_age, shared)]
     for clip_dir in _children(home / "library-clips"):
         if clip_dir.is_dir() and not clip_dir.is_symlink():
             found += [("clip_part", f) for f in clip_dir.glob(".*.part") if _age(f, now) > min_age]
     found += [("upload_check", d) for d in _children(home / "uploads")
               if d.name.startswith("inspect-") and d.is_dir() and _age(d, now) > min_age]
     for folder in (home, home / "runs"):
-        found += [("probe", f) for f in folder.glob(".mmdemo-probe-*") if _abandoned(f, now, min_age)]
+        found += [("probe", f) for f in folder.glob(".mmdemo-probe-*") if _abandoned(f, now, min_age, shared)]
     states = {job.id: job.state for job in queue.list(None)}
     for run in _children(home / "runs"):
         if run.name.startswith(".") or not run.is_dir() or run.is_symlink():

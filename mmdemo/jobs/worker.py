@@ -19,9 +19,15 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmdemo.config import Settings, folder_problem, get_settings, install
 from mmdemo.errors import MMDemoError
+
+if TYPE_CHECKING:
+    from mmdemo.jobs.queue import Job
 
 HEARTBEAT_SECONDS = 2.0
 
@@ -76,8 +82,7 @@ def failure_sentence(err: BaseException, preset: str | None = None, batch_size: 
 
 def run_job(job_id: str, home: str | None = None) -> str:
     """Run one claimed job to its end; returns the final state."""
-    from mmdemo.jobs.queue import MAX_ATTEMPTS, checkpoint_step, get_queue
-    from mmdemo.jobs.train import JobCancelled, Progress, TrainConfig, finetune
+    from mmdemo.jobs.queue import get_queue
 
     queue = get_queue(home)
     job = queue.get(job_id)
@@ -92,47 +97,63 @@ def run_job(job_id: str, home: str | None = None) -> str:
 
     threading.Thread(target=beat, daemon=True).start()
 
-    def progress(p: Progress) -> None:
-        rec = p.record()
+    def progress(rec: dict) -> None:
         queue.progress(job_id, rec)
+
+    try:
+        state, result, error = train_job(job, queue.run_dir(job_id), progress,
+                                         lambda: queue.cancel_requested(job_id))
+    finally:
+        stop.set()
+    queue.finish(job_id, state, result=result, error=error)
+    return state
+
+
+def train_job(job: Job, run_dir: Path, progress: Callable[[dict], None],
+              should_stop: Callable[[], bool]) -> tuple[str, dict | None, str | None]:
+    """Train one job, reporting each progress record to ``progress`` (and as a ``key=value`` line on stdout, the
+    job's log), and say how it ended: ``(state, result, error sentence)``; writes nothing to the queue.
+
+    The local worker (:func:`run_job`) and the Ray actor (:mod:`mmdemo.jobs.ray_backend`) both train through it,
+    so a job trains, resumes from its checkpoints in ``run_dir/work`` and fails with the same sentences wherever
+    it runs. A SIGTERM without a cancel (:class:`Terminated`) is re-raised: it is no outcome of the job.
+    """
+    from mmdemo.jobs.queue import MAX_ATTEMPTS, checkpoint_step
+    from mmdemo.jobs.train import JobCancelled, Progress, TrainConfig, finetune
+
+    def report(p: Progress) -> None:
+        rec = p.record()
+        progress(rec)
         print(" ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
 
     if job.attempts > 1:
-        step = checkpoint_step(queue.run_dir(job_id))
+        step = checkpoint_step(run_dir)
         resume = (f"resuming from the checkpoint of step {step}" if step is not None
                   else "no checkpoint was saved, so training starts from the beginning")
-        progress(Progress("validating", message=f"Attempt {job.attempts} of {MAX_ATTEMPTS}: the previous run "
-                                                f"was interrupted; {resume}."))
+        report(Progress("validating", message=f"Attempt {job.attempts} of {MAX_ATTEMPTS}: the previous run "
+                                              f"was interrupted; {resume}."))
     try:
         config = TrainConfig(**job.config)
         result = finetune(
             job.task, job.data, get_settings().adapters_dir / job.name, model=job.model, config=config,
-            workdir=queue.run_dir(job_id) / "work", progress=progress,
-            should_stop=lambda: queue.cancel_requested(job_id), owner=job.owner, job_id=job_id,
+            workdir=run_dir / "work", progress=report, should_stop=should_stop, owner=job.owner, job_id=job.id,
             name=job.display_name,
         )
     except JobCancelled:
-        queue.finish(job_id, "cancelled")
-        return "cancelled"
+        return "cancelled", None, None
     except Terminated:
-        if queue.cancel_requested(job_id):
-            queue.finish(job_id, "cancelled")
-            return "cancelled"
+        if should_stop():
+            return "cancelled", None, None
         # stopped from outside (a server shutdown or restart), not a failure of the job: no outcome, so the
         # dispatcher requeues it to resume from its checkpoint
         print("Stopped by SIGTERM without a cancel; the job goes back to the queue.", flush=True)
         raise
     except BaseException as err:  # noqa: BLE001 - every failure must reach the job record as a sentence
-        if queue.cancel_requested(job_id):  # a cancel seen by training as another error
-            queue.finish(job_id, "cancelled")
-            return "cancelled"
+        if should_stop():  # a cancel seen by training as another error
+            return "cancelled", None, None
         traceback.print_exc()
-        queue.finish(job_id, "failed", error=failure_sentence(err, job.preset, job.config.get("batch_size")))
-        return "failed"
-    finally:
-        stop.set()
-    queue.finish(job_id, "succeeded", result=result)
-    return "succeeded"
+        return "failed", None, failure_sentence(err, job.preset, job.config.get("batch_size"))
+    return "succeeded", result, None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 One embedding space, queried from either side: a text ranks the library's images; an image ranks the
 library's images (similar images) and a list of labels the user types (zero-shot classification).
 Embeddings are L2-normalised, scores are cosine similarities computed exactly (one NumPy product), so
-the ranking is the one plain ``get_text_features``/``get_image_features`` and cosine similarity give.
+the ranking is the one plain ``get_text_features``/``get_image_features`` and cosine similarity give (past
+``MMDEMO_VECTOR_INDEX_ROWS`` images, an on-disk IVF index finds the rows: :mod:`mmdemo.models.vector_index`).
 
 What is kept under ``MMDEMO_HOME``:
 
@@ -37,7 +38,7 @@ from mmdemo.archive import extract_zip
 from mmdemo.config import folder_problem, get_settings
 from mmdemo.errors import InputError, LimitError, MMDemoError
 from mmdemo.media import IMAGE_EXTENSIONS, decoded_image, file_sha256, load_image, store_copy
-from mmdemo.models import generation
+from mmdemo.models import generation, vector_index
 from mmdemo.models.loading import Loaded, load
 from mmdemo.models.registry import Task, family_module
 from mmdemo.models.retrieval import Hit, _atomic_write, _normalise, _top_k
@@ -165,6 +166,7 @@ class ImageIndex:
         self.embeddings = embeddings
         self.lock = threading.RLock()
         self.stamp = self._stamp()  # index.json as last read or written here: another process's save changes it
+        self._ann: vector_index.VectorIndex | None = None  # past MMDEMO_VECTOR_INDEX_ROWS rows
 
     def __len__(self) -> int:
         return len(self.images)
@@ -195,7 +197,10 @@ class ImageIndex:
         try:
             meta = json.loads((path / "index.json").read_text())
             images = [LibraryImage(**i) for i in json.loads((path / "manifest.json").read_text())]
-            emb = np.load(path / "embeddings.npy") if images else np.zeros((0, meta["dim"]), np.float32)
+            # past the vector-index threshold the rows stay on disk (memory-mapped): searches read the IVF index
+            mmap = "r" if vector_index.use_for(len(images)) else None
+            emb = (np.load(path / "embeddings.npy", mmap_mode=mmap) if images
+                   else np.zeros((0, meta["dim"]), np.float32))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise InputError(f"The image library's index is damaged ({type(err).__name__}); ask the app's owner to "
                              f"delete it so it is built again.") from None
@@ -225,6 +230,7 @@ class ImageIndex:
                           lambda fh: json.dump({"model": self.model, "dim": self.dim, "count": len(self.images),
                                                 "version": self.VERSION}, fh, indent=1))
             self.stamp = self._stamp()
+            self._ann = vector_index.for_rows(self.path, self.embeddings, self._ann)  # built here, not in a search
 
     def append(self, images: list[LibraryImage], vectors: np.ndarray) -> None:
         with self.lock:
@@ -232,8 +238,12 @@ class ImageIndex:
             self.embeddings = np.concatenate([self.embeddings, vectors.astype(np.float32).reshape(-1, self.dim)])
 
     def top_k(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` best rows by cosine (score descending, then row) and their scores: one exact product."""
+        """The ``k`` best rows by cosine (score descending, then row) and their scores: one exact product, or from
+        ``MMDEMO_VECTOR_INDEX_ROWS`` rows on the on-disk IVF index (exact scores, approximate rows)."""
         with self.lock:
+            self._ann = vector_index.for_rows(self.path, self.embeddings, self._ann)
+            if self._ann is not None:
+                return self._ann.search(query, min(k, len(self.embeddings)))
             scores = self.embeddings @ np.ascontiguousarray(query, dtype=np.float32)
             order = _top_k(scores, k)
             return order, scores[order]

@@ -26,7 +26,7 @@ import numpy as np
 from mmdemo.config import get_settings
 from mmdemo.errors import InputError, MMDemoError
 from mmdemo.media import AUDIO_EXTENSIONS, audio_info, file_sha256, load_audio, prepare_audio
-from mmdemo.models import fast
+from mmdemo.models import fast, vector_index
 from mmdemo.models.features import TorchClapFeatures
 from mmdemo.models.loading import Loaded, load
 from mmdemo.models.registry import Task, family_module
@@ -262,6 +262,7 @@ class AudioIndex:
         self._lock = threading.RLock()
         self._hashes = {c.sha256 for c in clips}
         self._int8: Int8Rows | None = None
+        self._ann: vector_index.VectorIndex | None = None  # past MMDEMO_VECTOR_INDEX_ROWS rows
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -278,7 +279,9 @@ class AudioIndex:
         try:
             meta = json.loads((path / "index.json").read_text())
             clips = [Clip(**c) for c in json.loads((path / "manifest.json").read_text())]
-            emb = np.load(path / "embeddings.npy") if clips else np.zeros((0, meta["dim"]), np.float32)
+            # past the vector-index threshold the rows stay on disk (memory-mapped): searches read the IVF index
+            mmap = "r" if vector_index.use_for(len(clips)) else None
+            emb = np.load(path / "embeddings.npy", mmap_mode=mmap) if clips else np.zeros((0, meta["dim"]), np.float32)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise InputError(f"The audio index in {path} is damaged ({err}); build it again.") from None
         if len(emb) != len(clips):
@@ -307,6 +310,7 @@ class AudioIndex:
             _atomic_write(self.path / "index.json",
                           lambda fh: json.dump({"model": self.model, "dim": self.dim, "count": len(self.clips),
                                                 "version": 1}, fh, indent=1))
+            self._ann = vector_index.for_rows(self.path, self.embeddings, self._ann)  # built here, not in a search
 
     def add_files(
         self,
@@ -371,13 +375,17 @@ class AudioIndex:
         """The ``k`` best rows for ``query`` by fp32 cosine (score descending, then row) and their scores.
 
         ``approximate`` (fast mode) picks candidates with an int8 pass first (:class:`Int8Rows`): the scores
-        are fp32's, the rows nearly always the same."""
+        are fp32's, the rows nearly always the same. From ``MMDEMO_VECTOR_INDEX_ROWS`` rows on, an on-disk IVF
+        index (:mod:`mmdemo.models.vector_index`) answers instead, in either mode: exact scores, approximate rows."""
         import torch
 
         query = np.ascontiguousarray(query, dtype=np.float32)
         with self._lock:
             rows = self.embeddings
             k = min(k, len(rows))
+            self._ann = vector_index.for_rows(self.path, rows, self._ann)
+            if self._ann is not None:  # past MMDEMO_VECTOR_INDEX_ROWS: the on-disk IVF index, approximate
+                return self._ann.search(query, k)
             if approximate and len(rows) >= PREFILTER_MIN_ROWS and 0 < k <= len(rows) // 100 and Int8Rows.usable():
                 if self._int8 is None or self._int8.source is not rows:
                     self._int8 = Int8Rows(rows)
