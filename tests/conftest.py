@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,17 @@ def make_sounds_dataset(root: Path, per_class: int = 4, seconds: float = 1.0, st
 
 
 # ------------------------------------------------------------------------------------- the app, served in-process
+def wait_for(predicate, timeout: float = 120.0, poll: float = 0.2):
+    """``predicate()``'s first true value, asked every ``poll`` seconds; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError("timed out")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

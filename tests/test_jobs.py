@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, make_shapes_dataset
+from conftest import ROOT, make_shapes_dataset, wait_for
 from mmdemo import jobs
 from mmdemo.errors import InputError, JobError
 from mmdemo.jobs.dispatcher import Dispatcher
@@ -27,14 +27,7 @@ def data(tmp_path):
     return make_shapes_dataset(tmp_path / "data", "caption", per_class=1)
 
 
-def _wait(predicate, timeout=120.0, poll=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError("timed out")
+_wait = wait_for
 
 
 def test_submit_positions_owners_and_cancelling_a_queued_job(home, data, tiny_models):

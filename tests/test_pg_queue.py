@@ -48,7 +48,7 @@ from test_jobs import (  # noqa: F401
     test_the_job_limit_is_counted_in_the_same_transaction_as_the_insert,
 )
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_for
 from mmdemo.config import Settings
 from mmdemo.errors import InputError, JobError
 from mmdemo.jobs import dispatcher as dispatcher_module
@@ -346,13 +346,7 @@ def _ran(home: Path) -> list[str]:
 
 
 def _wait(predicate, timeout: float = 40.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
+    return wait_for(predicate, timeout, poll=0.1)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

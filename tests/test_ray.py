@@ -25,7 +25,7 @@ import psutil  # comes with accelerate and peft
 import pytest
 import ray  # requirements-dev.txt: CI installs it, so nothing here is skipped
 
-from conftest import ROOT, free_port, make_shapes_dataset
+from conftest import ROOT, free_port, make_shapes_dataset, wait_for
 from mmdemo import jobs
 from mmdemo.config import Settings, is_settings_var
 from mmdemo.errors import InputError
@@ -38,14 +38,7 @@ FAST = dict(learning_rate=1e-3, epochs=1, batch_size=8)
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _wait(predicate, timeout=120.0, poll=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError("timed out")
+_wait = wait_for
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
