@@ -14,7 +14,12 @@ random weights. Rows:
   not per beam, never copied at the beams' reorder, and the large matrices multiplied in slices;
 - 16 concurrent requests with 3 beams: the app batches them into one ``caption`` call (Gradio ``batch=True``,
   up to 16); against plain one at a time, and against the project one at a time;
-- whether mmdemo's tokens are identical to plain ``generate``'s (3 beams, caption and VQA; checked, printed).
+- whether mmdemo's tokens are identical to plain ``generate``'s (3 beams, caption and VQA; checked, printed);
+- on the CPU, VQA latency with the decode of one request on one thread (the app, ``beams.DECODE_THREADS``)
+  against all threads;
+- on the CPU, the caption decoder's Linear layers for one 3-beam step (3 rows each) on one thread: plain
+  ``F.linear`` (MKL's ``addmm``), oneDNN, and the project's small-rows kernel (``mmdemo.models.kernels``), as GB/s
+  of weights read.
 
 A and B repetitions are interleaved (A, B, A, B, ...); each cell is the median and (min-max).
 """
@@ -56,6 +61,56 @@ def ratio(base: list[float], ours: list[float]) -> str:
     return f"{median(base) / median(ours):.2f}x"
 
 
+def all_threads(fn):
+    """``fn()`` with the project's few-rows decode on every torch thread (``beams.DECODE_THREADS = 0``)."""
+    from mmdemo.models import beams
+
+    before, beams.DECODE_THREADS = beams.DECODE_THREADS, 0
+    try:
+        return fn()
+    finally:
+        beams.DECODE_THREADS = before
+
+
+def kernel_rows(decoder, warmup: int, iters: int) -> list[dict]:
+    """The decoder's Linear layers, each multiplying 3 rows (one step of 3 beams), on one thread: F.linear against
+    oneDNN and the small-rows kernel; GB/s of weights read (median and range)."""
+    import torch
+
+    from mmdemo.models import kernels
+
+    layers = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+    size = sum(m.weight.numel() * 4 for m in layers)
+    xs = [torch.randn(3, 1, m.in_features) for m in layers]
+
+    def run(fn):
+        return lambda: [fn(x, m.weight, m.bias) for x, m in zip(xs, layers)]
+
+    onednn = (lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")) \
+        if kernels.onednn_usable() else torch.nn.functional.linear
+    fns = {"plain": run(torch.nn.functional.linear), "onednn": run(onednn)}
+    if kernels.small_rows_kernel() is not None:
+        fns["small"] = run(kernels.small_rows_linear)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            t = interleaved(fns, "cpu", warmup, iters)
+    finally:
+        torch.set_num_threads(before)
+
+    def rate(xs_):
+        return f"{size / median(xs_) / 1e9:.1f} GB/s ({size / max(xs_) / 1e9:.1f}-{size / min(xs_) / 1e9:.1f})"
+
+    what = f"caption decoder's {len(layers)} Linear layers ({size / 2**20:.1f} MiB), 3 rows each, one thread"
+    out = [{"measure": f"{what}: oneDNN", "baseline": rate(t["plain"]), "ours": rate(t["onednn"]),
+            "ratio": ratio(t["plain"], t["onednn"]), "target": "-"}]
+    if "small" in t:
+        out.append({"measure": f"{what}: small-rows kernel (the app's path)", "baseline": rate(t["plain"]),
+                    "ours": rate(t["small"]), "ratio": ratio(t["plain"], t["small"]), "target": "-"})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true", help="use the tiny checkpoints (smoke run)")
@@ -72,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
     from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, BlipProcessor
 
+    from mmdemo.models import beams
     from mmdemo.models.caption import caption
     from mmdemo.models.generation import GenerationOptions
     from mmdemo.models.loading import clear_cache, load, pick_device
@@ -137,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"measure": f"throughput, {c} concurrent requests, 3 beams, vs mmdemo one at a time",
                  "baseline": "mmdemo: " + cell(t["one"], "img/s", c), "ours": cell(t["batched"], "img/s", c),
                  "ratio": ratio(t["one"], t["batched"]), "target": ">= 3x"})
+    if device == "cpu":
+        rows.extend(kernel_rows(loaded.model.text_decoder, warmup, iters))
     plain = loaded = None
     clear_cache()
     if device.startswith("cuda"):
@@ -155,10 +213,18 @@ def main(argv: list[str] | None = None) -> int:
 
     identical["vqa"] = all(answer(img, [question], options=beam3, model=loaded) == [plain_answer(img)]
                            for img in images[:3])
-    t = interleaved({"plain": lambda: plain_answer(images[0]),
-                     "ours": lambda: answer(images[0], [question], options=beam3, model=loaded)}, device, warmup, iters)
+    fns = {"plain": lambda: plain_answer(images[0]),
+           "ours": lambda: answer(images[0], [question], options=beam3, model=loaded)}
+    if device == "cpu" and beams.DECODE_THREADS:  # the app's one-thread decode of a few rows, against all threads
+        fns["all threads"] = lambda: all_threads(lambda: answer(images[0], [question], options=beam3, model=loaded))
+    t = interleaved(fns, device, warmup, iters)
     rows.append({"measure": f"VQA latency, 1 image + 1 question, 3 beams, {n_tok} tokens", "baseline": cell(t["plain"]),
                  "ours": cell(t["ours"]), "ratio": ratio(t["plain"], t["ours"]), "target": ">= 1.3x (CPU)"})
+    if "all threads" in t:
+        rows.append({"measure": f"VQA latency as above, decoding on {beams.DECODE_THREADS} thread (the app) against all "
+                                f"{torch.get_num_threads()} (beams.DECODE_THREADS = 0)",
+                     "baseline": "all threads: " + cell(t["all threads"]), "ours": cell(t["ours"]),
+                     "ratio": ratio(t["all threads"], t["ours"]), "target": "-"})
     plain = loaded = None
     clear_cache()
 

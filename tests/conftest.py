@@ -323,6 +323,23 @@ def onednn_for_tiny(monkeypatch):
 
 
 @pytest.fixture
+def small_rows_calls(monkeypatch) -> list[int]:
+    """The row count of every product handed to the compiled small-rows kernel (mmdemo.models.kernels), which
+    still computes them."""
+    from mmdemo.models import kernels
+
+    calls: list[int] = []
+    real = kernels.small_rows_linear
+
+    def spy(x, weight, bias):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(kernels, "small_rows_linear", spy)
+    return calls
+
+
+@pytest.fixture
 def archive(tmp_path):
     """A zipped caption dataset of one picture per class."""
     import shutil

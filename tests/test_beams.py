@@ -106,6 +106,27 @@ def test_vqa_answers_match_plain_generate(sensitive, images, num_beams):
     assert ours == plain and len(set(ours)) >= 3
 
 
+@pytest.mark.parametrize("num_beams", BEAMS)
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_one_request_decodes_through_the_small_rows_kernel(sensitive, images, small_rows_calls, task, num_beams):
+    """One image's decode (1, 3 or 5 rows a step) runs the text side's Linear layers through the compiled small-rows
+    kernel (mmdemo.models.kernels), and the tokens are still plain ``generate``'s."""
+    options = GenerationOptions(num_beams=num_beams, max_new_tokens=6, min_new_tokens=2)
+    question = "what color?" if task == "vqa" else None
+    model, processor = _plain(task, sensitive[task])
+    for img in images[:3]:
+        if task == "vqa":
+            ours = answer_pairs([(img, question)], options=options, model=sensitive[task])[0]
+            inputs = processor(images=img, text=question, return_tensors="pt")
+        else:
+            ours = caption([img], options=options, model=sensitive[task])[0]
+            inputs = processor(images=img, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, **options.kwargs())
+        assert ours == processor.decode(out[0], skip_special_tokens=True).strip()
+    assert num_beams in small_rows_calls  # a step's layers (one row per beam) went through the kernel
+
+
 @pytest.mark.parametrize("task", ["caption", "vqa"])
 def test_lora_adapter_active_matches_plain_peft(sensitive, images, tmp_path, task):
     """With an adapter switched in through the loader (peft), answers equal a plain PeftModel's generate."""

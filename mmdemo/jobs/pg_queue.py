@@ -1,7 +1,8 @@
 """The job queue in a PostgreSQL database, for several app replicas sharing one queue (``MMDEMO_JOBS_DB``).
 
-:class:`PostgresQueue` implements :class:`~mmdemo.jobs.queue.JobQueue` with the semantics of the SQLite queue:
-the same :class:`~mmdemo.jobs.queue.Job` records, progress records and sentences. Only the rows move to the
+:class:`PostgresQueue` implements :class:`~mmdemo.jobs.queue.JobQueue` with the SQLite queue's code (both are a
+:class:`~mmdemo.jobs.queue.SqlQueue`): the same :class:`~mmdemo.jobs.queue.Job` records, progress records and
+sentences; its own are the connections, the claim and the row and advisory locks. Only the rows move to the
 server: run folders (dataset copies, checkpoints, ``log.txt``) and adapters stay under ``MMDEMO_HOME``, which the
 replicas must share (one network file system mounted at the same path on each: a job's row holds its dataset
 copy's path). Select it with ``MMDEMO_JOBS_DB=postgresql://user@host:5432/mmdemo``; the tables (``mmdemo_jobs``,
@@ -23,10 +24,8 @@ web users read it), raised by the call that needed the database; the next call t
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
@@ -38,21 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from mmdemo.config import ensure_writable
 from mmdemo.errors import InputError, JobError
-from mmdemo.jobs.queue import (
-    ACTIVE,
-    FINAL,
-    MAX_ATTEMPTS,
-    Job,
-    _signal,
-    checkpoint_step,
-    duplicate_job,
-    is_step_record,
-    keeps_step,
-    milestones,
-    name_in_use,
-    thin_losses,
-    too_many_jobs,
-)
+from mmdemo.jobs.queue import Job, SqlQueue
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +135,13 @@ def database_problem(err: Exception) -> str | None:
     return None
 
 
-class PostgresQueue:
-    """The queue in the PostgreSQL database at ``url``; run folders in ``home/runs/<job id>`` as with SQLite."""
+class PostgresQueue(SqlQueue):
+    """The queue in the PostgreSQL database at ``url``; run folders in ``home/runs/<job id>`` as with SQLite. Every
+    method but ``claim`` is the shared :class:`~mmdemo.jobs.queue.SqlQueue`'s, with this store's locks."""
+
+    JOBS = "mmdemo_jobs"
+    EVENTS = "mmdemo_events"
+    PARAM = "%s"
 
     def __init__(self, url: str, home: str | Path):
         self.url = check_url(url)
@@ -248,131 +238,35 @@ class PostgresQueue:
         log.debug("job database %s: %s", self.path, err)  # each page poll would repeat a warning
         raise JobError(problem) from err
 
-    # ------------------------------------------------------------------------------------------ user side
-    def run_dir(self, job_id: str) -> Path:
-        return self.runs / job_id
+    # ------------------------------------------------------------------------------------ the shared queue's hooks
+    def _lock_owner(self, db, owner: str) -> None:
+        """The owner's advisory lock for ``add``'s transaction: two replicas cannot both slip a job of one owner under
+        a check (duplicate, adapter name, limit)."""
+        db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_SPACE + _OWNER_LOCK, owner))
 
-    def add(self, job: Job, limit: int | None = None) -> Job:
-        """Queue ``job`` after the SQLite queue's checks (duplicate, adapter name, ``limit``), in one transaction
-        that holds the owner's advisory lock: two replicas cannot both slip a job of one owner under a check."""
-        with self._db(write=True) as db:
-            db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_SPACE + _OWNER_LOCK, job.owner))
-            same = self._duplicate(db, job)
-            if same is not None:
-                raise JobError(duplicate_job(same))
-            if job.label:
-                taken = db.execute(f"SELECT id FROM mmdemo_jobs WHERE owner=%s AND label=%s AND state IN {ACTIVE} "
-                                   f"AND cancel_requested=0", (job.owner, job.label)).fetchone()
-                if taken is not None:
-                    raise InputError(name_in_use(job.label, taken["id"]))
-            if limit is not None:
-                active = db.execute(f"SELECT COUNT(*) AS n FROM mmdemo_jobs WHERE owner=%s AND state IN {ACTIVE}",
-                                    (job.owner,)).fetchone()["n"]
-                if active >= limit:
-                    raise JobError(too_many_jobs(limit))
-            db.execute(
-                "INSERT INTO mmdemo_jobs (id, owner, task, model, preset, config, data, name, state, created, label, "
-                "fingerprint, plan) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'queued', %s, %s, %s, %s)",
-                (job.id, job.owner, job.task, job.model, job.preset, json.dumps(job.config), job.data, job.name,
-                 job.created, job.label, job.fingerprint, json.dumps(job.plan) if job.plan is not None else None),
-            )
-        self.progress(job.id, {"phase": "queued", "message": "Submitted; waiting in the queue."})
-        return self.get(job.id)
+    def _lock_job(self, db, job_id: str) -> None:
+        """Lock the job's row for this transaction: its records are then numbered in the order they commit, so a
+        page reading ``seq > since`` never skips one committed late."""
+        db.execute("SELECT id FROM mmdemo_jobs WHERE id=%s FOR UPDATE", (job_id,))
 
-    def _duplicate(self, db, job: Job) -> Job | None:
-        if not job.fingerprint:
+    def _requeue_row(self, db, job_id: str):
+        """The running job, locked; None (left alone) when another machine claimed it and its heartbeat is fresh: its
+        replica is alive, and the check sits in the transaction, so it holds even when that replica beat a moment
+        after the caller looked (or claimed the job again since)."""
+        from mmdemo.jobs import dispatcher  # its STALE_SECONDS, read now (tests shorten it)
+
+        row = db.execute("SELECT attempts, cancel_requested, claimed_by, heartbeat FROM mmdemo_jobs "
+                         "WHERE id=%s AND state='running' FOR UPDATE", (job_id,)).fetchone()
+        if row is None:
             return None
-        rows = db.execute(f"SELECT * FROM mmdemo_jobs WHERE owner=%s AND task=%s AND fingerprint=%s AND state IN "
-                          f"{ACTIVE} AND cancel_requested=0 ORDER BY created",
-                          (job.owner, job.task, job.fingerprint)).fetchall()
-        for row in rows:
-            other = self._job(row)
-            if other.config == job.config and (other.model or None) == (job.model or None):
-                return other
-        return None
+        elsewhere = row["claimed_by"] not in (None, self.machine)
+        if elsewhere and row["heartbeat"] is not None and time.time() - row["heartbeat"] < dispatcher.STALE_SECONDS:
+            return None
+        return row
 
-    def find_duplicate(self, job: Job) -> Job | None:
-        with self._db() as db:
-            return self._duplicate(db, job)
-
-    def set_label(self, job_id: str, label: str) -> None:
-        with self._db(write=True) as db:
-            db.execute("UPDATE mmdemo_jobs SET label=%s WHERE id=%s", (label, job_id))
-
-    def labels(self, owner: str) -> dict[str, str]:
-        with self._db() as db:
-            rows = db.execute(f"SELECT id, label FROM mmdemo_jobs WHERE owner=%s AND label IS NOT NULL AND state IN "
-                              f"{ACTIVE} AND cancel_requested=0", (owner,)).fetchall()
-        return {r["label"]: r["id"] for r in rows}
-
-    @staticmethod
-    def _job(row: dict, position: int | None = None) -> Job:
-        d = dict(row)
-        d["config"] = json.loads(d["config"])
-        d["result"] = json.loads(d["result"]) if d["result"] else None
-        d["plan"] = json.loads(d["plan"]) if d.get("plan") else None
-        d["cancel_requested"] = bool(d["cancel_requested"])
-        return Job(**d, position=position)
-
-    @staticmethod
-    def _positions(db) -> dict[str, int]:
-        rows = db.execute("SELECT id FROM mmdemo_jobs WHERE state='queued' ORDER BY created, id").fetchall()
-        return {r["id"]: i + 1 for i, r in enumerate(rows)}
-
-    def list(self, owner: str | None = None) -> list[Job]:
-        with self._db() as db:
-            pos = self._positions(db)
-            if owner is None:
-                rows = db.execute("SELECT * FROM mmdemo_jobs ORDER BY created DESC").fetchall()
-            else:
-                rows = db.execute("SELECT * FROM mmdemo_jobs WHERE owner=%s ORDER BY created DESC",
-                                  (owner,)).fetchall()
-        return [self._job(r, pos.get(r["id"])) for r in rows]
-
-    def get(self, job_id: str, owner: str | None = None) -> Job:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM mmdemo_jobs WHERE id=%s", (str(job_id),)).fetchone()
-            pos = self._positions(db) if row is not None and row["state"] == "queued" else {}
-        if row is None or (owner is not None and row["owner"] != owner):
-            raise JobError(f"There is no job {job_id!r} of yours; pick one from your job list.")
-        return self._job(row, pos.get(row["id"]))
-
-    def cancel(self, job_id: str, owner: str | None = None) -> Job:
-        """As SQLite's; the worker is signalled at once only when it runs on this machine (else the dispatcher of
-        the replica running it stops it at its next poll)."""
-        job = self.get(job_id, owner)
-        if job.state in FINAL:
-            raise JobError(f"Job {job_id} already {job.state}; there is nothing to cancel.")
-        with self._db(write=True) as db:
-            db.execute("UPDATE mmdemo_jobs SET state='cancelled', finished=%s, cancel_requested=1 "
-                       "WHERE id=%s AND state='queued'", (time.time(), job.id))
-            db.execute("UPDATE mmdemo_jobs SET cancel_requested=1 WHERE id=%s AND state='running'", (job.id,))
-        job = self.get(job.id)
-        if job.state == "cancelled":
-            message = ("Cancelled while waiting in the queue to be tried again after an interruption." if job.attempts
-                       else "Cancelled while waiting in the queue; it never started.")
-            self.progress(job.id, {"phase": "cancelled", "message": message}, update_job=False)
-        else:
-            self.progress(job.id, {"phase": "cancelling", "message": "You asked to cancel; the training is being "
-                                                                     "stopped."}, update_job=False)
-        if job.state == "running" and job.pid and job.claimed_by == self.machine:
-            _signal(job.pid, 15)
-        return job
-
-    def events(self, job_id: str, since: int = 0) -> list[dict]:
-        with self._db() as db:
-            rows = db.execute("SELECT seq, time, record FROM mmdemo_events WHERE job_id=%s AND seq>%s ORDER BY seq",
-                              (job_id, since)).fetchall()
-        return [{"seq": r["seq"], "time": r["time"], **json.loads(r["record"])} for r in rows]
-
-    def log_tail(self, job_id: str, lines: int = 40) -> str:
-        log_file = self.run_dir(job_id) / "log.txt"
-        if not log_file.is_file():
-            return ""
-        with log_file.open("rb") as fh:
-            fh.seek(max(0, log_file.stat().st_size - 64 * 1024))
-            text = fh.read().decode("utf-8", "replace")
-        return "\n".join(text.splitlines()[-lines:])
+    def _signals(self, job: Job) -> bool:
+        """Only a worker running on this machine is signalled; another replica's dispatcher stops its own."""
+        return job.claimed_by == self.machine
 
     # ------------------------------------------------------------------------------- dispatcher/worker side
     def claim(self, slots: int) -> Job | None:
@@ -394,179 +288,7 @@ class PostgresQueue:
             db.execute("UPDATE mmdemo_jobs SET state='running', started=COALESCE(started, %s), heartbeat=%s, "
                        "pid=NULL, attempts=attempts+1, phase='starting', step=NULL, total=NULL, eta=NULL, "
                        "claimed_by=%s WHERE id=%s AND state='queued'", (now, now, self.machine, row["id"]))
-        job = self.get(row["id"])
-        again = f" (attempt {job.attempts} of {MAX_ATTEMPTS})" if job.attempts > 1 else ""
-        self.progress(job.id, {"phase": "starting", "message": f"Started{again}."}, update_job=False)
-        return job
-
-    def set_pid(self, job_id: str, pid: int) -> None:
-        with self._db(write=True) as db:
-            db.execute("UPDATE mmdemo_jobs SET pid=%s, heartbeat=%s WHERE id=%s", (pid, time.time(), job_id))
-
-    def heartbeat(self, job_id: str) -> None:
-        with self._db(write=True) as db:
-            db.execute("UPDATE mmdemo_jobs SET heartbeat=%s WHERE id=%s AND state='running'", (time.time(), job_id))
-
-    def cancel_requested(self, job_id: str) -> bool:
-        with self._db() as db:
-            row = db.execute("SELECT cancel_requested FROM mmdemo_jobs WHERE id=%s", (job_id,)).fetchone()
-        return bool(row and row["cancel_requested"])
-
-    @staticmethod
-    def _lock_job(db, job_id: str) -> dict | None:
-        """Lock the job's row for this transaction: its records are then numbered in the order they commit, so a
-        page reading ``seq > since`` never skips one committed late."""
-        return db.execute("SELECT * FROM mmdemo_jobs WHERE id=%s FOR UPDATE", (job_id,)).fetchone()
-
-    def progress(self, job_id: str, record: dict, update_job: bool = True) -> None:
-        """As SQLite's: ``STEP_EVENTS`` evenly spaced step records per job, the row keeps the latest."""
-        now = time.time()
-        with self._db(write=True) as db:
-            self._lock_job(db, job_id)
-            if not is_step_record(record):
-                self._flush_step(db, job_id)
-                store = True
-            else:
-                store = keeps_step(record["step"], record.get("total") or 0) or not self._last_is_step(db, job_id)
-            if store:
-                db.execute("INSERT INTO mmdemo_events (job_id, time, record) VALUES (%s, %s, %s)",
-                           (job_id, now, json.dumps(record)))
-            if update_job:
-                db.execute("UPDATE mmdemo_jobs SET phase=COALESCE(%s, phase), step=%s, total=%s, "
-                           "loss=COALESCE(%s, loss), eta=%s, heartbeat=%s WHERE id=%s",
-                           (record.get("phase"), record.get("step"), record.get("total"), record.get("loss"),
-                            record.get("eta"), now, job_id))
-
-    @staticmethod
-    def _record(db, job_id: str, record: dict) -> None:
-        db.execute("INSERT INTO mmdemo_events (job_id, time, record) VALUES (%s, %s, %s)",
-                   (job_id, time.time(), json.dumps(record)))
-
-    @staticmethod
-    def _last_record(db, job_id: str) -> dict | None:
-        row = db.execute("SELECT record FROM mmdemo_events WHERE job_id=%s ORDER BY seq DESC LIMIT 1",
-                         (job_id,)).fetchone()
-        return json.loads(row["record"]) if row is not None else None
-
-    def _last_is_step(self, db, job_id: str) -> bool:
-        record = self._last_record(db, job_id)
-        return record is not None and is_step_record(record)
-
-    def _flush_step(self, db, job_id: str) -> None:
-        """Store the row's latest training step if the evenly spaced records skipped it (see SQLiteQueue)."""
-        row = db.execute("SELECT phase, step, total, loss FROM mmdemo_jobs WHERE id=%s", (job_id,)).fetchone()
-        if row is None or row["phase"] != "training" or row["step"] is None or row["loss"] is None:
-            return
-        record = self._last_record(db, job_id) or {}
-        if is_step_record(record) and record["step"] != row["step"]:
-            self._record(db, job_id, {"phase": "training", "step": row["step"], "total": row["total"],
-                                      "loss": row["loss"]})
-
-    def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None:
-        if state not in FINAL:
-            raise ValueError(state)
-        training = (result or {}).get("training") or {}
-        done, planned = training.get("steps_done"), training.get("steps")
-        if result is not None and isinstance(result.get("losses"), list):
-            result = {**result, "losses": thin_losses(result["losses"], planned or 0)}
-        message = {"succeeded": "Finished.", "cancelled": "Cancelled.", "failed": error or "Failed."}[state]
-        with self._db(write=True) as db:
-            self._lock_job(db, job_id)
-            self._flush_step(db, job_id)
-            changed = db.execute(
-                "UPDATE mmdemo_jobs SET state=%s, finished=%s, result=COALESCE(%s, result), error=%s, pid=NULL, "
-                "eta=NULL, phase=CASE WHEN %s='succeeded' THEN 'finished' ELSE phase END, step=COALESCE(%s, step), "
-                "total=COALESCE(%s, total) WHERE id=%s AND state IN ('running', 'queued')",
-                (state, time.time(), json.dumps(result) if result is not None else None, error, state, done, planned,
-                 job_id)).rowcount
-            if changed:
-                self._record(db, job_id, {"phase": state, "message": message})
-
-    def requeue(self, job_id: str, cause: str, error: str | None = None) -> None:
-        """As SQLite's, except that a job claimed on another machine whose heartbeat is fresh is left alone: its
-        replica is alive, and the check sits in the transaction, so it holds even when that replica beat a moment
-        after the caller looked (or claimed the job again since)."""
-        from mmdemo.jobs import dispatcher  # its STALE_SECONDS, read now (tests shorten it)
-
-        step = checkpoint_step(self.run_dir(job_id))
-        with self._db(write=True) as db:
-            row = db.execute("SELECT attempts, cancel_requested, claimed_by, heartbeat FROM mmdemo_jobs "
-                             "WHERE id=%s AND state='running' FOR UPDATE", (job_id,)).fetchone()
-            if row is None:
-                return
-            elsewhere = row["claimed_by"] not in (None, self.machine)
-            if elsewhere and row["heartbeat"] is not None and time.time() - row["heartbeat"] < dispatcher.STALE_SECONDS:
-                return
-            attempts = row["attempts"]
-            if row["cancel_requested"]:
-                db.execute("UPDATE mmdemo_jobs SET state='cancelled', finished=%s, pid=NULL WHERE id=%s",
-                           (time.time(), job_id))
-                phase, note = "cancelled", "Cancelled."
-            elif attempts >= MAX_ATTEMPTS:
-                phase = "failed"
-                note = error or (f"The job was interrupted {attempts} times, so it was stopped; "
-                                 f"submit it again, and report it if it happens again.")
-                db.execute("UPDATE mmdemo_jobs SET state='failed', finished=%s, pid=NULL, eta=NULL, error=%s "
-                           "WHERE id=%s", (time.time(), note, job_id))
-            else:
-                phase = "queued"
-                resume = (f"resuming from the checkpoint of step {step}" if step is not None
-                          else "starting from the beginning, as no checkpoint was saved yet")
-                note = (f"{cause.rstrip('.')}; it goes back to the queue for attempt {attempts + 1} of {MAX_ATTEMPTS}, "
-                        f"{resume}.")
-                db.execute("UPDATE mmdemo_jobs SET state='queued', pid=NULL, eta=NULL, note=%s WHERE id=%s",
-                           (note, job_id))
-            self._flush_step(db, job_id)
-            self._record(db, job_id, {"phase": phase, "message": note})
-
-    def release(self, job_id: str) -> None:
-        with self._db(write=True) as db:
-            db.execute("UPDATE mmdemo_jobs SET state='queued', attempts=GREATEST(attempts - 1, 0) "
-                       "WHERE id=%s AND state='running' AND pid IS NULL", (job_id,))
-
-    def running(self) -> list[Job]:
-        with self._db() as db:
-            rows = db.execute("SELECT * FROM mmdemo_jobs WHERE state='running'").fetchall()
-        return [self._job(r) for r in rows]
-
-    def expired(self, before: float) -> list[str]:
-        with self._db() as db:
-            rows = db.execute(f"SELECT id FROM mmdemo_jobs WHERE state IN {FINAL} AND cleaned IS NULL "
-                              f"AND COALESCE(finished, created) < %s ORDER BY finished", (before,)).fetchall()
-        return [r["id"] for r in rows]
-
-    def clean(self, job_id: str) -> bool:
-        """As SQLite's: the run folder goes, the step records are thinned to the timeline's milestones."""
-        job = self.get(job_id)
-        if job.state not in FINAL:
-            return False
-        run_dir = self.run_dir(job.id)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if run_dir.exists():
-            return False
-        events = self.events(job.id)
-        keep = milestones(events)
-        drop = [e["seq"] for e in events if is_step_record(e) and e["seq"] not in keep]
-        result = job.result
-        if result is not None and isinstance(result.get("losses"), list):
-            total = ((result.get("training") or {}).get("steps")) or 0
-            result = {**result, "losses": thin_losses(result["losses"], total)}
-        with self._db(write=True) as db:
-            if drop:
-                db.execute("DELETE FROM mmdemo_events WHERE seq = ANY(%s)", (drop,))
-            db.execute(f"UPDATE mmdemo_jobs SET cleaned=%s, result=COALESCE(%s, result) WHERE id=%s AND state IN "
-                       f"{FINAL}", (time.time(), json.dumps(result) if result is not None else None, job.id))
-        return True
-
-    def delete(self, job_id: str, owner: str | None = None) -> None:
-        """Forget a finished job and its run folder (its adapter stays)."""
-        job = self.get(job_id, owner)
-        if job.state not in FINAL:
-            raise JobError(f"Job {job_id} is {job.state}; cancel it before deleting it.")
-        with self._db(write=True) as db:
-            db.execute("DELETE FROM mmdemo_events WHERE job_id=%s", (job.id,))
-            db.execute("DELETE FROM mmdemo_jobs WHERE id=%s", (job.id,))
-        shutil.rmtree(self.run_dir(job.id), ignore_errors=True)
+        return self._started(row["id"])
 
     def close(self) -> None:
         """Close the idle connections (tests; a process's connections otherwise close when it exits)."""

@@ -1,8 +1,10 @@
 """The durable job queue: jobs, their progress events and their results in an embedded SQLite database.
 
 :class:`JobQueue` is the small interface the UI, the CLI and the dispatcher use; :class:`SQLiteQueue` (the
-default, ``MMDEMO_HOME/jobs.sqlite3``) implements it for one machine. A multi-machine backend (a server
-database, a Hub-hosted queue) implements the same methods. SQLite runs in WAL mode so the app, the dispatcher
+default, ``MMDEMO_HOME/jobs.sqlite3``) implements it for one machine, and
+:class:`~mmdemo.jobs.pg_queue.PostgresQueue` for several replicas. Both are a :class:`SqlQueue`: one SQL
+implementation of every method but ``claim``, over the connection each store gives, with hooks where a shared
+server must lock what one SQLite file serialises anyway. SQLite runs in WAL mode so the app, the dispatcher
 and the worker processes read and write it concurrently; each call opens its own short transaction.
 
 Each job row holds the latest phase, step and total (the page's one source of truth for where a job is); a
@@ -27,6 +29,7 @@ sentence (no path: web users see it), both when the queue is opened and when a w
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
@@ -242,7 +245,374 @@ class JobQueue(Protocol):
         ...
 
 
-class SQLiteQueue:
+@functools.lru_cache(maxsize=512)
+def _dialect(sql: str, jobs: str, events: str, param: str) -> str:
+    """``sql`` written for :class:`SqlQueue` (tables ``$jobs`` and ``$events``, ``?`` parameters) in a store's terms."""
+    return sql.replace("$jobs", jobs).replace("$events", events).replace("?", param)
+
+
+class SqlQueue:
+    """What the SQLite queue and the PostgreSQL one (:mod:`mmdemo.jobs.pg_queue`) share: every
+    :class:`JobQueue` method but ``claim``, in SQL both run, over the connection their ``_db`` gives.
+
+    A store sets ``JOBS``, ``EVENTS`` and ``PARAM`` (its table names and parameter marker), and provides
+    ``_db(write=False)`` (a connection whose rows read by column name; with ``write``, one transaction) and
+    ``claim``. Where a server shared by several machines must lock what one embedded file serialises anyway, it
+    overrides the hooks ``_lock_owner``, ``_lock_job``, ``_requeue_row`` and ``_signals``.
+    """
+
+    JOBS = "jobs"
+    EVENTS = "events"
+    PARAM = "?"
+    home: Path
+    runs: Path
+
+    def _db(self, write: bool = False):  # pragma: no cover - each store gives its own
+        raise NotImplementedError
+
+    def _run(self, db, sql: str, params: tuple | list = ()):
+        """Execute ``sql`` (``$jobs``, ``$events``, ``?``) on ``db``; returns the cursor."""
+        return db.execute(_dialect(sql, self.JOBS, self.EVENTS, self.PARAM), params)
+
+    # ------------------------------------------------------------------------------------ the stores' hooks
+    def _lock_owner(self, db, owner: str) -> None:
+        """Inside ``add``'s transaction, before its checks: nothing where the transaction alone serialises."""
+
+    def _lock_job(self, db, job_id: str) -> None:
+        """Inside ``progress`` and ``finish``, before they write: nothing where the transaction alone serialises."""
+
+    def _requeue_row(self, db, job_id: str):
+        """The running job's ``attempts`` and ``cancel_requested`` for ``requeue``, or None to leave it alone."""
+        return self._run(db, "SELECT attempts, cancel_requested FROM $jobs WHERE id=? AND state='running'",
+                         (job_id,)).fetchone()
+
+    def _signals(self, job: Job) -> bool:
+        """Whether a cancel may signal the job's worker process here (its pid means something on this machine)."""
+        return True
+
+    # ------------------------------------------------------------------------------------------ user side
+    def run_dir(self, job_id: str) -> Path:
+        return self.runs / job_id
+
+    def add(self, job: Job, limit: int | None = None) -> Job:
+        """Queue ``job``; refuse it if its owner already has the same job (data, task, settings) or a job making
+        an adapter of the same name waiting or running, or, with ``limit``, that many jobs queued or running.
+
+        The checks and the insert share one transaction, so a double click cannot queue two identical jobs and
+        two quick submits cannot both slip under the limit.
+        """
+        with self._db(write=True) as db:
+            self._lock_owner(db, job.owner)
+            same = self._duplicate(db, job)
+            if same is not None:
+                raise JobError(duplicate_job(same))
+            if job.label:
+                taken = self._run(db, f"SELECT id FROM $jobs WHERE owner=? AND label=? AND state IN {ACTIVE} "
+                                      f"AND cancel_requested=0", (job.owner, job.label)).fetchone()
+                if taken is not None:
+                    raise InputError(name_in_use(job.label, taken["id"]))
+            if limit is not None:
+                active = self._run(db, f"SELECT COUNT(*) AS n FROM $jobs WHERE owner=? AND state IN {ACTIVE}",
+                                   (job.owner,)).fetchone()["n"]
+                if active >= limit:
+                    raise JobError(too_many_jobs(limit))
+            self._run(
+                db,
+                "INSERT INTO $jobs (id, owner, task, model, preset, config, data, name, state, created, label, "
+                "fingerprint, plan) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job.id, job.owner, job.task, job.model, job.preset, json.dumps(job.config), job.data, job.name,
+                 job.created, job.label, job.fingerprint, json.dumps(job.plan) if job.plan is not None else None),
+            )
+        self.progress(job.id, {"phase": "queued", "message": "Submitted; waiting in the queue."})
+        return self.get(job.id)
+
+    def _duplicate(self, db, job: Job) -> Job | None:
+        if not job.fingerprint:
+            return None
+        # a job being cancelled does not count: the user may submit it again at once
+        rows = self._run(db, f"SELECT * FROM $jobs WHERE owner=? AND task=? AND fingerprint=? AND state IN {ACTIVE} "
+                             f"AND cancel_requested=0 ORDER BY created",
+                         (job.owner, job.task, job.fingerprint)).fetchall()
+        for row in rows:
+            other = self._job(row)
+            if other.config == job.config and (other.model or None) == (job.model or None):
+                return other
+        return None
+
+    def find_duplicate(self, job: Job) -> Job | None:
+        """The owner's waiting or running job with the same data, task, model and settings as ``job``, if any."""
+        with self._db() as db:
+            return self._duplicate(db, job)
+
+    def set_label(self, job_id: str, label: str) -> None:
+        """Rename the adapter a job made (or will make)."""
+        with self._db(write=True) as db:
+            self._run(db, "UPDATE $jobs SET label=? WHERE id=?", (label, job_id))
+
+    def labels(self, owner: str) -> dict[str, str]:
+        """Adapter names the owner's waiting or running jobs will use: label -> job id."""
+        with self._db() as db:
+            rows = self._run(db, f"SELECT id, label FROM $jobs WHERE owner=? AND label IS NOT NULL AND state IN "
+                                 f"{ACTIVE} AND cancel_requested=0", (owner,)).fetchall()
+        return {r["label"]: r["id"] for r in rows}
+
+    @staticmethod
+    def _job(row, position: int | None = None) -> Job:
+        d = dict(row)
+        d["config"] = json.loads(d["config"])
+        d["result"] = json.loads(d["result"]) if d["result"] else None
+        d["plan"] = json.loads(d["plan"]) if d.get("plan") else None
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        return Job(**d, position=position)
+
+    def _positions(self, db) -> dict[str, int]:
+        rows = self._run(db, "SELECT id FROM $jobs WHERE state='queued' ORDER BY created, id").fetchall()
+        return {r["id"]: i + 1 for i, r in enumerate(rows)}
+
+    def list(self, owner: str | None = None) -> list[Job]:
+        """Jobs of ``owner`` (all jobs when ``None``), newest first."""
+        with self._db() as db:
+            pos = self._positions(db)
+            if owner is None:
+                rows = self._run(db, "SELECT * FROM $jobs ORDER BY created DESC").fetchall()
+            else:
+                rows = self._run(db, "SELECT * FROM $jobs WHERE owner=? ORDER BY created DESC", (owner,)).fetchall()
+        return [self._job(r, pos.get(r["id"])) for r in rows]
+
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job, if it exists and belongs to ``owner`` (any owner when ``None``)."""
+        with self._db() as db:
+            row = self._run(db, "SELECT * FROM $jobs WHERE id=?", (str(job_id),)).fetchone()
+            pos = self._positions(db) if row is not None and row["state"] == "queued" else {}
+        if row is None or (owner is not None and row["owner"] != owner):
+            raise JobError(f"There is no job {job_id!r} of yours; pick one from your job list.")
+        return self._job(row, pos.get(row["id"]))
+
+    def cancel(self, job_id: str, owner: str | None = None) -> Job:
+        """Cancel a queued job at once, or ask a running one to stop (its worker is stopped within seconds: at once
+        when it runs on this machine, else by the dispatcher of the machine running it, at its next poll)."""
+        job = self.get(job_id, owner)
+        if job.state in FINAL:
+            raise JobError(f"Job {job_id} already {job.state}; there is nothing to cancel.")
+        with self._db(write=True) as db:
+            self._run(db, "UPDATE $jobs SET state='cancelled', finished=?, cancel_requested=1 "
+                          "WHERE id=? AND state='queued'", (time.time(), job.id))
+            self._run(db, "UPDATE $jobs SET cancel_requested=1 WHERE id=? AND state='running'", (job.id,))
+        job = self.get(job.id)
+        if job.state == "cancelled":
+            # a job interrupted and waiting for its next attempt did start: do not tell its owner it never did
+            message = ("Cancelled while waiting in the queue to be tried again after an interruption." if job.attempts
+                       else "Cancelled while waiting in the queue; it never started.")
+            self.progress(job.id, {"phase": "cancelled", "message": message}, update_job=False)
+        else:
+            self.progress(job.id, {"phase": "cancelling", "message": "You asked to cancel; the training is being "
+                                                                     "stopped."}, update_job=False)
+        if job.state == "running" and job.pid and self._signals(job):
+            _signal(job.pid, 15)  # the worker's process group: it stops now, not at the next step
+        return job
+
+    def events(self, job_id: str, since: int = 0) -> list[dict]:
+        """Progress records after sequence number ``since`` (each has ``seq`` and ``time``)."""
+        with self._db() as db:
+            rows = self._run(db, "SELECT seq, time, record FROM $events WHERE job_id=? AND seq>? ORDER BY seq",
+                             (job_id, since)).fetchall()
+        return [{"seq": r["seq"], "time": r["time"], **json.loads(r["record"])} for r in rows]
+
+    def log_tail(self, job_id: str, lines: int = 40) -> str:
+        log_file = self.run_dir(job_id) / "log.txt"
+        if not log_file.is_file():
+            return ""
+        with log_file.open("rb") as fh:
+            fh.seek(max(0, log_file.stat().st_size - 64 * 1024))
+            text = fh.read().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    # ------------------------------------------------------------------------------- dispatcher/worker side
+    def _started(self, job_id: str) -> Job:
+        """The job a ``claim`` just moved to running, after recording that it started."""
+        job = self.get(job_id)
+        again = f" (attempt {job.attempts} of {MAX_ATTEMPTS})" if job.attempts > 1 else ""
+        self.progress(job.id, {"phase": "starting", "message": f"Started{again}."}, update_job=False)
+        return job
+
+    def set_pid(self, job_id: str, pid: int) -> None:
+        with self._db(write=True) as db:
+            self._run(db, "UPDATE $jobs SET pid=?, heartbeat=? WHERE id=?", (pid, time.time(), job_id))
+
+    def heartbeat(self, job_id: str) -> None:
+        with self._db(write=True) as db:
+            self._run(db, "UPDATE $jobs SET heartbeat=? WHERE id=? AND state='running'", (time.time(), job_id))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._db() as db:
+            row = self._run(db, "SELECT cancel_requested FROM $jobs WHERE id=?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
+
+    def progress(self, job_id: str, record: dict, update_job: bool = True) -> None:
+        """Append a progress record; the job row keeps the latest phase/step/loss/ETA for the job list.
+
+        A training step's record is stored only when it is one of ``STEP_EVENTS`` evenly spaced steps, the last
+        step, or the first after any other record; the row is updated at every step all the same, and before any
+        other record the latest step is stored, so each stretch of training ends with the step it really reached.
+        """
+        now = time.time()
+        with self._db(write=True) as db:
+            self._lock_job(db, job_id)
+            if not is_step_record(record):
+                self._flush_step(db, job_id)
+                store = True
+            else:
+                store = keeps_step(record["step"], record.get("total") or 0) or not self._last_is_step(db, job_id)
+            if store:
+                self._run(db, "INSERT INTO $events (job_id, time, record) VALUES (?, ?, ?)",
+                          (job_id, now, json.dumps(record)))
+            if update_job:
+                self._run(db, "UPDATE $jobs SET phase=COALESCE(?, phase), step=?, total=?, loss=COALESCE(?, loss), "
+                              "eta=?, heartbeat=? WHERE id=?",
+                          (record.get("phase"), record.get("step"), record.get("total"), record.get("loss"),
+                           record.get("eta"), now, job_id))
+
+    def _record(self, db, job_id: str, record: dict) -> None:
+        """Store a progress record inside the caller's transaction."""
+        self._run(db, "INSERT INTO $events (job_id, time, record) VALUES (?, ?, ?)",
+                  (job_id, time.time(), json.dumps(record)))
+
+    def _last_record(self, db, job_id: str) -> dict | None:
+        row = self._run(db, "SELECT record FROM $events WHERE job_id=? ORDER BY seq DESC LIMIT 1",
+                        (job_id,)).fetchone()
+        return json.loads(row["record"]) if row is not None else None
+
+    def _last_is_step(self, db, job_id: str) -> bool:
+        record = self._last_record(db, job_id)
+        return record is not None and is_step_record(record)
+
+    def _flush_step(self, db, job_id: str) -> None:
+        """Store the row's latest training step if the evenly spaced records skipped it (the last record stored is
+        an earlier step), so a stretch of training ends where it stopped (a cancel, a failure, a killed worker)."""
+        row = self._run(db, "SELECT phase, step, total, loss FROM $jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None or row["phase"] != "training" or row["step"] is None or row["loss"] is None:
+            return
+        record = self._last_record(db, job_id) or {}
+        if is_step_record(record) and record["step"] != row["step"]:  # else nothing was skipped since the last one
+            self._record(db, job_id, {"phase": "training", "step": row["step"], "total": row["total"],
+                                      "loss": row["loss"]})
+
+    def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None:
+        """Record the outcome. A succeeded job's row then holds what it trained (phase ``finished``, the steps
+        done of the steps planned) and its loss log thinned like its step records; a failed or cancelled one
+        keeps the phase and step where it stopped."""
+        if state not in FINAL:
+            raise ValueError(state)
+        training = (result or {}).get("training") or {}
+        done, planned = training.get("steps_done"), training.get("steps")
+        if result is not None and isinstance(result.get("losses"), list):
+            result = {**result, "losses": thin_losses(result["losses"], planned or 0)}
+        message = {"succeeded": "Finished.", "cancelled": "Cancelled.", "failed": error or "Failed."}[state]
+        # the outcome and its record in one transaction: a worker killed (a cancel's SIGKILL) while it records its
+        # outcome leaves both or neither, and of two processes recording one outcome only the first writes it
+        with self._db(write=True) as db:
+            self._lock_job(db, job_id)
+            self._flush_step(db, job_id)  # before the row says "finished"
+            changed = self._run(
+                db,
+                "UPDATE $jobs SET state=?, finished=?, result=COALESCE(?, result), error=?, pid=NULL, eta=NULL, "
+                "phase=CASE WHEN ?='succeeded' THEN 'finished' ELSE phase END, step=COALESCE(?, step), "
+                "total=COALESCE(?, total) WHERE id=? AND state IN ('running', 'queued')",
+                (state, time.time(), json.dumps(result) if result is not None else None, error, state, done, planned,
+                 job_id)).rowcount
+            if changed:
+                self._record(db, job_id, {"phase": state, "message": message})
+
+    def requeue(self, job_id: str, cause: str, error: str | None = None) -> None:
+        """Put an interrupted running job back at the head of the queue (it keeps its creation time).
+
+        ``cause`` says what interrupted it ("The app stopped while this job ran"); the note adds which attempt
+        comes next and the checkpoint it resumes from. When ``MAX_ATTEMPTS`` are used up the job fails with
+        ``error`` (a sentence fitting the cause), and a cancel asked for meanwhile wins over both.
+        """
+        step = checkpoint_step(self.run_dir(job_id))
+        with self._db(write=True) as db:
+            row = self._requeue_row(db, job_id)
+            if row is None:
+                return
+            attempts = row["attempts"]
+            if row["cancel_requested"]:
+                self._run(db, "UPDATE $jobs SET state='cancelled', finished=?, pid=NULL WHERE id=?",
+                          (time.time(), job_id))
+                phase, note = "cancelled", "Cancelled."
+            elif attempts >= MAX_ATTEMPTS:
+                phase = "failed"
+                note = error or (f"The job was interrupted {attempts} times, so it was stopped; "
+                                 f"submit it again, and report it if it happens again.")
+                self._run(db, "UPDATE $jobs SET state='failed', finished=?, pid=NULL, eta=NULL, error=? WHERE id=?",
+                          (time.time(), note, job_id))
+            else:
+                phase = "queued"
+                resume = (f"resuming from the checkpoint of step {step}" if step is not None
+                          else "starting from the beginning, as no checkpoint was saved yet")
+                note = (f"{cause.rstrip('.')}; it goes back to the queue for attempt {attempts + 1} of {MAX_ATTEMPTS}, "
+                        f"{resume}.")
+                self._run(db, "UPDATE $jobs SET state='queued', pid=NULL, eta=NULL, note=? WHERE id=?", (note, job_id))
+            self._flush_step(db, job_id)
+            self._record(db, job_id, {"phase": phase, "message": note})  # with the change it tells of
+
+    def release(self, job_id: str) -> None:
+        """Undo a claim whose worker could not even be started: back to queued, the attempt not counted."""
+        with self._db(write=True) as db:
+            self._run(db, "UPDATE $jobs SET state='queued', attempts=CASE WHEN attempts > 0 THEN attempts - 1 "
+                          "ELSE 0 END WHERE id=? AND state='running' AND pid IS NULL", (job_id,))
+
+    def running(self) -> list[Job]:
+        with self._db() as db:
+            rows = self._run(db, "SELECT * FROM $jobs WHERE state='running'").fetchall()
+        return [self._job(r) for r in rows]
+
+    def expired(self, before: float) -> list[str]:
+        """Finished (succeeded, failed, cancelled) jobs that ended before ``before`` and are not cleaned yet."""
+        with self._db() as db:
+            rows = self._run(db, f"SELECT id FROM $jobs WHERE state IN {FINAL} AND cleaned IS NULL "
+                                 f"AND COALESCE(finished, created) < ? ORDER BY finished", (before,)).fetchall()
+        return [r["id"] for r in rows]
+
+    def clean(self, job_id: str) -> bool:
+        """Delete a finished job's run folder (dataset copy, checkpoints, log) and thin its step records to the
+        milestones its timeline shows; the row and its result (scores, examples, loss log) stay. An adapter lives
+        elsewhere and is not touched. Returns False, doing nothing, for a job that is not finished, and when the
+        run folder could not be deleted (the next clean-up tries again)."""
+        job = self.get(job_id)
+        if job.state not in FINAL:
+            return False
+        run_dir = self.run_dir(job.id)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.exists():
+            return False
+        events = self.events(job.id)
+        keep = milestones(events)
+        drop = [e["seq"] for e in events if is_step_record(e) and e["seq"] not in keep]
+        result = job.result
+        if result is not None and isinstance(result.get("losses"), list):  # rows written before losses were thinned
+            total = ((result.get("training") or {}).get("steps")) or 0
+            result = {**result, "losses": thin_losses(result["losses"], total)}
+        with self._db(write=True) as db:
+            for start in range(0, len(drop), 500):
+                chunk = drop[start:start + 500]
+                self._run(db, f"DELETE FROM $events WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
+            self._run(db, f"UPDATE $jobs SET cleaned=?, result=COALESCE(?, result) WHERE id=? AND state IN {FINAL}",
+                      (time.time(), json.dumps(result) if result is not None else None, job.id))
+        return True
+
+    def delete(self, job_id: str, owner: str | None = None) -> None:
+        """Forget a finished job and its run folder (its adapter stays)."""
+        job = self.get(job_id, owner)
+        if job.state not in FINAL:
+            raise JobError(f"Job {job_id} is {job.state}; cancel it before deleting it.")
+        with self._db(write=True) as db:
+            self._run(db, "DELETE FROM $events WHERE job_id=?", (job.id,))
+            self._run(db, "DELETE FROM $jobs WHERE id=?", (job.id,))
+        shutil.rmtree(self.run_dir(job.id), ignore_errors=True)
+
+
+class SQLiteQueue(SqlQueue):
     """The embedded queue under ``home`` (``jobs.sqlite3``, run folders in ``runs/<job id>``)."""
 
     def __init__(self, home: str | Path):
@@ -313,139 +683,6 @@ class SQLiteQueue:
         log.debug("job database %s: %s", self.path.absolute(), err)
         raise JobError(problem) from err
 
-    # ------------------------------------------------------------------------------------------ user side
-    def run_dir(self, job_id: str) -> Path:
-        return self.runs / job_id
-
-    def add(self, job: Job, limit: int | None = None) -> Job:
-        """Queue ``job``; refuse it if its owner already has the same job (data, task, settings) or a job making
-        an adapter of the same name waiting or running, or, with ``limit``, that many jobs queued or running.
-
-        The checks and the insert share one transaction, so a double click cannot queue two identical jobs and
-        two quick submits cannot both slip under the limit.
-        """
-        with self._db(write=True) as db:
-            same = self._duplicate(db, job)
-            if same is not None:
-                raise JobError(duplicate_job(same))
-            if job.label:
-                taken = db.execute(f"SELECT id FROM jobs WHERE owner=? AND label=? AND state IN {ACTIVE} "
-                                   f"AND cancel_requested=0", (job.owner, job.label)).fetchone()
-                if taken is not None:
-                    raise InputError(name_in_use(job.label, taken["id"]))
-            if limit is not None:
-                active = db.execute(f"SELECT COUNT(*) FROM jobs WHERE owner=? AND state IN {ACTIVE}",
-                                    (job.owner,)).fetchone()[0]
-                if active >= limit:
-                    raise JobError(too_many_jobs(limit))
-            db.execute(
-                "INSERT INTO jobs (id, owner, task, model, preset, config, data, name, state, created, label, "
-                "fingerprint, plan) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (job.id, job.owner, job.task, job.model, job.preset, json.dumps(job.config), job.data, job.name,
-                 job.created, job.label, job.fingerprint, json.dumps(job.plan) if job.plan is not None else None),
-            )
-        self.progress(job.id, {"phase": "queued", "message": "Submitted; waiting in the queue."})
-        return self.get(job.id)
-
-    def _duplicate(self, db: sqlite3.Connection, job: Job) -> Job | None:
-        if not job.fingerprint:
-            return None
-        # a job being cancelled does not count: the user may submit it again at once
-        rows = db.execute(f"SELECT * FROM jobs WHERE owner=? AND task=? AND fingerprint=? AND state IN {ACTIVE} "
-                          f"AND cancel_requested=0 ORDER BY created",
-                          (job.owner, job.task, job.fingerprint)).fetchall()
-        for row in rows:
-            other = self._job(row)
-            if other.config == job.config and (other.model or None) == (job.model or None):
-                return other
-        return None
-
-    def find_duplicate(self, job: Job) -> Job | None:
-        """The owner's waiting or running job with the same data, task, model and settings as ``job``, if any."""
-        with self._db() as db:
-            return self._duplicate(db, job)
-
-    def set_label(self, job_id: str, label: str) -> None:
-        """Rename the adapter a job made (or will make)."""
-        with self._db(write=True) as db:
-            db.execute("UPDATE jobs SET label=? WHERE id=?", (label, job_id))
-
-    def labels(self, owner: str) -> dict[str, str]:
-        """Adapter names the owner's waiting or running jobs will use: label -> job id."""
-        with self._db() as db:
-            rows = db.execute(f"SELECT id, label FROM jobs WHERE owner=? AND label IS NOT NULL AND state IN {ACTIVE} "
-                              f"AND cancel_requested=0", (owner,)).fetchall()
-        return {r["label"]: r["id"] for r in rows}
-
-    def _job(self, row: sqlite3.Row, position: int | None = None) -> Job:
-        d = dict(row)
-        d["config"] = json.loads(d["config"])
-        d["result"] = json.loads(d["result"]) if d["result"] else None
-        d["plan"] = json.loads(d["plan"]) if d.get("plan") else None
-        d["cancel_requested"] = bool(d["cancel_requested"])
-        return Job(**d, position=position)
-
-    def _positions(self, db: sqlite3.Connection) -> dict[str, int]:
-        rows = db.execute("SELECT id FROM jobs WHERE state='queued' ORDER BY created, id").fetchall()
-        return {r["id"]: i + 1 for i, r in enumerate(rows)}
-
-    def list(self, owner: str | None = None) -> list[Job]:
-        """Jobs of ``owner`` (all jobs when ``None``), newest first."""
-        with self._db() as db:
-            pos = self._positions(db)
-            if owner is None:
-                rows = db.execute("SELECT * FROM jobs ORDER BY created DESC").fetchall()
-            else:
-                rows = db.execute("SELECT * FROM jobs WHERE owner=? ORDER BY created DESC", (owner,)).fetchall()
-        return [self._job(r, pos.get(r["id"])) for r in rows]
-
-    def get(self, job_id: str, owner: str | None = None) -> Job:
-        """The job, if it exists and belongs to ``owner`` (any owner when ``None``)."""
-        with self._db() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id=?", (str(job_id),)).fetchone()
-            pos = self._positions(db) if row is not None and row["state"] == "queued" else {}
-        if row is None or (owner is not None and row["owner"] != owner):
-            raise JobError(f"There is no job {job_id!r} of yours; pick one from your job list.")
-        return self._job(row, pos.get(row["id"]))
-
-    def cancel(self, job_id: str, owner: str | None = None) -> Job:
-        """Cancel a queued job at once, or ask a running one to stop (its worker is stopped within seconds)."""
-        job = self.get(job_id, owner)
-        if job.state in FINAL:
-            raise JobError(f"Job {job_id} already {job.state}; there is nothing to cancel.")
-        with self._db(write=True) as db:
-            db.execute("UPDATE jobs SET state='cancelled', finished=?, cancel_requested=1 "
-                       "WHERE id=? AND state='queued'", (time.time(), job.id))
-            db.execute("UPDATE jobs SET cancel_requested=1 WHERE id=? AND state='running'", (job.id,))
-        job = self.get(job.id)
-        if job.state == "cancelled":
-            # a job interrupted and waiting for its next attempt did start: do not tell its owner it never did
-            message = ("Cancelled while waiting in the queue to be tried again after an interruption." if job.attempts
-                       else "Cancelled while waiting in the queue; it never started.")
-            self.progress(job.id, {"phase": "cancelled", "message": message}, update_job=False)
-        else:
-            self.progress(job.id, {"phase": "cancelling", "message": "You asked to cancel; the training is being "
-                                                                     "stopped."}, update_job=False)
-        if job.state == "running" and job.pid:
-            _signal(job.pid, 15)  # the worker's process group: it stops now, not at the next step
-        return job
-
-    def events(self, job_id: str, since: int = 0) -> list[dict]:
-        """Progress records after sequence number ``since`` (each has ``seq`` and ``time``)."""
-        with self._db() as db:
-            rows = db.execute("SELECT seq, time, record FROM events WHERE job_id=? AND seq>? ORDER BY seq",
-                              (job_id, since)).fetchall()
-        return [{"seq": r["seq"], "time": r["time"], **json.loads(r["record"])} for r in rows]
-
-    def log_tail(self, job_id: str, lines: int = 40) -> str:
-        log = self.run_dir(job_id) / "log.txt"
-        if not log.is_file():
-            return ""
-        with log.open("rb") as fh:
-            fh.seek(max(0, log.stat().st_size - 64 * 1024))
-            text = fh.read().decode("utf-8", "replace")
-        return "\n".join(text.splitlines()[-lines:])
-
     # ------------------------------------------------------------------------------- dispatcher/worker side
     def claim(self, slots: int) -> Job | None:
         """Atomically move the oldest queued job to running if fewer than ``slots`` jobs run."""
@@ -461,179 +698,7 @@ class SQLiteQueue:
             db.execute("UPDATE jobs SET state='running', started=COALESCE(started, ?), heartbeat=?, pid=NULL, "
                        "attempts=attempts+1, phase='starting', step=NULL, total=NULL, eta=NULL WHERE id=?",
                        (now, now, row["id"]))
-        job = self.get(row["id"])
-        again = f" (attempt {job.attempts} of {MAX_ATTEMPTS})" if job.attempts > 1 else ""
-        self.progress(job.id, {"phase": "starting", "message": f"Started{again}."}, update_job=False)
-        return job
-
-    def set_pid(self, job_id: str, pid: int) -> None:
-        with self._db(write=True) as db:
-            db.execute("UPDATE jobs SET pid=?, heartbeat=? WHERE id=?", (pid, time.time(), job_id))
-
-    def heartbeat(self, job_id: str) -> None:
-        with self._db(write=True) as db:
-            db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND state='running'", (time.time(), job_id))
-
-    def cancel_requested(self, job_id: str) -> bool:
-        with self._db() as db:
-            row = db.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return bool(row and row[0])
-
-    def progress(self, job_id: str, record: dict, update_job: bool = True) -> None:
-        """Append a progress record; the job row keeps the latest phase/step/loss/ETA for the job list.
-
-        A training step's record is stored only when it is one of ``STEP_EVENTS`` evenly spaced steps, the last
-        step, or the first after any other record; the row is updated at every step all the same, and before any
-        other record the latest step is stored, so each stretch of training ends with the step it really reached.
-        """
-        now = time.time()
-        with self._db(write=True) as db:
-            if not is_step_record(record):
-                self._flush_step(db, job_id)
-                store = True
-            else:
-                store = keeps_step(record["step"], record.get("total") or 0) or not self._last_is_step(db, job_id)
-            if store:
-                db.execute("INSERT INTO events (job_id, time, record) VALUES (?, ?, ?)",
-                           (job_id, now, json.dumps(record)))
-            if update_job:
-                db.execute("UPDATE jobs SET phase=COALESCE(?, phase), step=?, total=?, loss=COALESCE(?, loss), "
-                           "eta=?, heartbeat=? WHERE id=?",
-                           (record.get("phase"), record.get("step"), record.get("total"), record.get("loss"),
-                            record.get("eta"), now, job_id))
-
-    def _record(self, db: sqlite3.Connection, job_id: str, record: dict) -> None:
-        """Store a progress record inside the caller's transaction."""
-        db.execute("INSERT INTO events (job_id, time, record) VALUES (?, ?, ?)", (job_id, time.time(), json.dumps(record)))
-
-    def _last_is_step(self, db: sqlite3.Connection, job_id: str) -> bool:
-        row = db.execute("SELECT record FROM events WHERE job_id=? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
-        return row is not None and is_step_record(json.loads(row["record"]))
-
-    def _flush_step(self, db: sqlite3.Connection, job_id: str) -> None:
-        """Store the row's latest training step if the evenly spaced records skipped it (the last record stored is
-        an earlier step), so a stretch of training ends where it stopped (a cancel, a failure, a killed worker)."""
-        row = db.execute("SELECT phase, step, total, loss FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if row is None or row["phase"] != "training" or row["step"] is None or row["loss"] is None:
-            return
-        last = db.execute("SELECT record FROM events WHERE job_id=? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
-        record = json.loads(last["record"]) if last is not None else {}
-        if is_step_record(record) and record["step"] != row["step"]:  # else nothing was skipped since the last one
-            step = {"phase": "training", "step": row["step"], "total": row["total"], "loss": row["loss"]}
-            db.execute("INSERT INTO events (job_id, time, record) VALUES (?, ?, ?)",
-                       (job_id, time.time(), json.dumps(step)))
-
-    def finish(self, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None:
-        """Record the outcome. A succeeded job's row then holds what it trained (phase ``finished``, the steps
-        done of the steps planned) and its loss log thinned like its step records; a failed or cancelled one
-        keeps the phase and step where it stopped."""
-        if state not in FINAL:
-            raise ValueError(state)
-        training = (result or {}).get("training") or {}
-        done, planned = training.get("steps_done"), training.get("steps")
-        if result is not None and isinstance(result.get("losses"), list):
-            result = {**result, "losses": thin_losses(result["losses"], planned or 0)}
-        message = {"succeeded": "Finished.", "cancelled": "Cancelled.", "failed": error or "Failed."}[state]
-        # the outcome and its record in one transaction: a worker killed (a cancel's SIGKILL) while it records its
-        # outcome leaves both or neither, and of two processes recording one outcome only the first writes it
-        with self._db(write=True) as db:
-            self._flush_step(db, job_id)  # before the row says "finished"
-            changed = db.execute(
-                "UPDATE jobs SET state=?, finished=?, result=COALESCE(?, result), error=?, pid=NULL, eta=NULL, "
-                "phase=CASE WHEN ?='succeeded' THEN 'finished' ELSE phase END, step=COALESCE(?, step), "
-                "total=COALESCE(?, total) WHERE id=? AND state IN ('running', 'queued')",
-                (state, time.time(), json.dumps(result) if result is not None else None, error, state, done, planned,
-                 job_id)).rowcount
-            if changed:
-                self._record(db, job_id, {"phase": state, "message": message})
-
-    def requeue(self, job_id: str, cause: str, error: str | None = None) -> None:
-        """Put an interrupted running job back at the head of the queue (it keeps its creation time).
-
-        ``cause`` says what interrupted it ("The app stopped while this job ran"); the note adds which attempt
-        comes next and the checkpoint it resumes from. When ``MAX_ATTEMPTS`` are used up the job fails with
-        ``error`` (a sentence fitting the cause), and a cancel asked for meanwhile wins over both.
-        """
-        step = checkpoint_step(self.run_dir(job_id))
-        with self._db(write=True) as db:
-            row = db.execute("SELECT attempts, cancel_requested FROM jobs WHERE id=? AND state='running'",
-                             (job_id,)).fetchone()
-            if row is None:
-                return
-            attempts = row["attempts"]
-            if row["cancel_requested"]:
-                db.execute("UPDATE jobs SET state='cancelled', finished=?, pid=NULL WHERE id=?", (time.time(), job_id))
-                phase, note = "cancelled", "Cancelled."
-            elif attempts >= MAX_ATTEMPTS:
-                phase = "failed"
-                note = error or (f"The job was interrupted {attempts} times, so it was stopped; "
-                                 f"submit it again, and report it if it happens again.")
-                db.execute("UPDATE jobs SET state='failed', finished=?, pid=NULL, eta=NULL, error=? WHERE id=?",
-                           (time.time(), note, job_id))
-            else:
-                phase = "queued"
-                resume = (f"resuming from the checkpoint of step {step}" if step is not None
-                          else "starting from the beginning, as no checkpoint was saved yet")
-                note = (f"{cause.rstrip('.')}; it goes back to the queue for attempt {attempts + 1} of {MAX_ATTEMPTS}, "
-                        f"{resume}.")
-                db.execute("UPDATE jobs SET state='queued', pid=NULL, eta=NULL, note=? WHERE id=?", (note, job_id))
-            self._flush_step(db, job_id)
-            self._record(db, job_id, {"phase": phase, "message": note})  # with the change it tells of
-
-    def release(self, job_id: str) -> None:
-        """Undo a claim whose worker could not even be started: back to queued, the attempt not counted."""
-        with self._db(write=True) as db:
-            db.execute("UPDATE jobs SET state='queued', attempts=MAX(attempts - 1, 0) "
-                       "WHERE id=? AND state='running' AND pid IS NULL", (job_id,))
-
-    def running(self) -> list[Job]:
-        with self._db() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
-        return [self._job(r) for r in rows]
-
-    def expired(self, before: float) -> list[str]:
-        """Finished (succeeded, failed, cancelled) jobs that ended before ``before`` and are not cleaned yet."""
-        with self._db() as db:
-            rows = db.execute(f"SELECT id FROM jobs WHERE state IN {FINAL} AND cleaned IS NULL "
-                              f"AND COALESCE(finished, created) < ? ORDER BY finished", (before,)).fetchall()
-        return [r["id"] for r in rows]
-
-    def clean(self, job_id: str) -> bool:
-        """Delete a finished job's run folder (dataset copy, checkpoints, log) and thin its step records to the
-        milestones its timeline shows; the row and its result (scores, examples, loss log) stay. An adapter lives
-        elsewhere and is not touched. Returns False, doing nothing, for a job that is not finished, and when the
-        run folder could not be deleted (the next clean-up tries again)."""
-        job = self.get(job_id)
-        if job.state not in FINAL:
-            return False
-        run_dir = self.run_dir(job.id)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if run_dir.exists():
-            return False
-        events = self.events(job.id)
-        keep = milestones(events)
-        drop = [e["seq"] for e in events if is_step_record(e) and e["seq"] not in keep]
-        result = job.result
-        if result is not None and isinstance(result.get("losses"), list):  # rows written before losses were thinned
-            total = ((result.get("training") or {}).get("steps")) or 0
-            result = {**result, "losses": thin_losses(result["losses"], total)}
-        with self._db(write=True) as db:
-            for start in range(0, len(drop), 500):
-                chunk = drop[start:start + 500]
-                db.execute(f"DELETE FROM events WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
-            db.execute(f"UPDATE jobs SET cleaned=?, result=COALESCE(?, result) WHERE id=? AND state IN {FINAL}",
-                       (time.time(), json.dumps(result) if result is not None else None, job.id))
-        return True
-
-    def delete(self, job_id: str, owner: str | None = None) -> None:
-        """Forget a finished job and its run folder (its adapter stays)."""
-        job = self.get(job_id, owner)
-        if job.state not in FINAL:
-            raise JobError(f"Job {job_id} is {job.state}; cancel it before deleting it.")
-        with self._db(write=True) as db:
-            db.execute("DELETE FROM events WHERE job_id=?", (job.id,))
-            db.execute("DELETE FROM jobs WHERE id=?", (job.id,))
-        shutil.rmtree(self.run_dir(job.id), ignore_errors=True)
+        return self._started(row["id"])
 
 
 def _signal(pid: int, sig: int) -> bool:

@@ -152,7 +152,8 @@ def shared_cache(text_decoder, encoder_hidden_states):
 # 2-vCPU machines here, where another process often holds one core, the second thread is the straggler of every
 # region. One thread ran the decoding of a VQA answer (3 beams, 20 tokens) 1.05x faster at load 2.5 and 1.22x at
 # load 3.8, the whole answer 1.05x (load 3.3) and 1.14x (load 4-10); the vision encoder and a batch's many rows
-# keep every thread. DECODE_THREADS = 0 turns it off.
+# keep every thread. DECODE_THREADS = 0 turns it off. With the small-rows kernel (mmdemo.models.kernels, one thread
+# by itself) and on a quiet machine, one thread and two were even: 1.02x (bench/caption.py, the VQA rows).
 DECODE_FEW_ROWS = 8
 DECODE_THREADS = 1
 _threads_lock = threading.Lock()
