@@ -292,7 +292,8 @@ def start_rows(args, work: Path, device: str) -> list[dict]:
     checkpoints = {task: str(build_checkpoint(task, cache_dir() / ("tiny-" + task if args.tiny else name),
                                               tiny=args.tiny)) for task, name in names.items()}
     weights = sum(f.stat().st_size for folder in checkpoints.values() for f in Path(folder).glob("*.safetensors"))
-    _start_once(args, checkpoints, work, device, -1)  # the first start reads the weights into the page cache
+    if not args.quick:  # the first start reads the weights into the page cache (a smoke run times a cold start)
+        _start_once(args, checkpoints, work, device, -1)
     starts, plain = [], []
     for run in range(args.starts):  # interleaved with the plain loads
         starts.append(_start_once(args, checkpoints, work, device, run))

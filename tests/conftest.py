@@ -108,6 +108,33 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
                           env=full_env, timeout=timeout, cwd=ROOT)
 
 
+def run_cli_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The same command through ``mmdemo.cli.main`` in this process: its exit status, stdout and stderr, without a
+    new interpreter's 10-20 s of importing torch and transformers on a 2-core machine (a checkpoint loaded once
+    serves the later calls). What only a real process shows (no traceback, the exit status of an uncaught
+    error) is checked through :func:`run_cli`."""
+    import io
+
+    from mmdemo import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {key: os.environ.get(key) for key in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(["mmdemo", *args], code, out.getvalue(), err.getvalue())
+
+
 # ------------------------------------------------------------------ fine-tuning datasets (tests/test_finetune*.py)
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -277,7 +304,13 @@ def start_app(home: Path, port: int | None = None, args: tuple[str, ...] = ("--t
             if time.time() > deadline:
                 raise RuntimeError(f"app.py did not answer in {timeout:.0f} s: {log_path.read_text()[-2000:]}")
             time.sleep(0.5)
-        yield url
+        try:
+            yield url
+        except BaseException:  # the test failed while the app ran: its log tail goes into pytest's report
+            log.flush()
+            print(f"--- the end of {log_path.name} ---\n{log_path.read_text(errors='replace')[-3000:]}",
+                  file=sys.stderr)
+            raise
     finally:
         proc.terminate()
         try:
@@ -285,6 +318,42 @@ def start_app(home: Path, port: int | None = None, args: tuple[str, ...] = ("--t
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def _orphaned_job_workers() -> set[int]:
+    """The pids of this machine's ``python -m mmdemo.jobs.worker`` processes whose app has gone (a worker outlives
+    its app by design: a restarted app takes it over)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"mmdemo.jobs.worker" not in (entry / "cmdline").read_bytes():
+                continue
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = Path(f"/proc/{ppid}/cmdline").read_bytes() if ppid > 1 else b""
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid != os.getpid() and b"app.py" not in parent and b"mmdemo" not in parent:
+            pids.add(int(entry.name))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def _no_orphaned_workers():
+    """A training worker left behind by an app a test stopped ends with that test, so that it does not take the
+    2 cores from the tests after it. Workers of apps still running (module-scoped apps) are left alone."""
+    linux = sys.platform.startswith("linux")
+    before = _orphaned_job_workers() if linux else set()
+    yield
+    if not linux:
+        return
+    for pid in _orphaned_job_workers() - before:
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:  # the dispatcher's workers lead their own session
+                os.killpg(pid, 9)
+            else:
+                os.kill(pid, 9)
 
 
 @pytest.fixture(scope="session")

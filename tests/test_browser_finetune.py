@@ -24,7 +24,7 @@ CHROMIUM = os.environ.get("MMDEMO_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
 DOCS = ROOT / "docs" / "screenshots"
 TIMEOUT_MS = 60_000
-LONG_JOB_STEPS = 1500  # long enough (tens of seconds on the tiny model) to reload the page while it trains
+LONG_JOB_STEPS = 1000  # long enough (tens of seconds on the tiny model) to reload the page while it trains
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -173,19 +173,19 @@ def test_the_fine_tune_journey(page, tmp_path):
     _open_tab(page, "Fine-tune")
     expect(_field(page, "ft-job")).to_have_value(job_id)
     expect(progress).to_contain_text("Running: training")
-    expect(progress).to_contain_text(re.compile(r"Step [\d,]+ of 1,500"))
+    expect(progress).to_contain_text(re.compile(rf"Step [\d,]+ of {LONG_JOB_STEPS:,}"))
     expect(page.locator("#ft-progress progress")).to_have_count(1)
     timeline = page.locator("#ft-timeline")
     expect(timeline).to_contain_text("Submitted; waiting in the queue.")
     expect(timeline).to_contain_text("Base model scores on the held-out examples: BLEU-4")
     expect(page.locator("#ft-curve")).to_contain_text("training step")
-    expect(page.locator("#ft-jobs")).to_contain_text(re.compile(r"Training, step [\d,]+ of 1,500"))
+    expect(page.locator("#ft-jobs")).to_contain_text(re.compile(rf"Training, step [\d,]+ of {LONG_JOB_STEPS:,}"))
     _shot(page, "finetune_running")
 
     # finished: real totals and wall time, a verdict, scores explained, the adapter column in view
     expect(progress).to_contain_text("Finished in", timeout=300_000)
-    expect(progress).to_contain_text("Trained 1,500 of 1,500 steps (750 epochs over 10 examples).")
-    expect(timeline).to_contain_text("Training done: 1,500 steps; the loss went from")
+    expect(progress).to_contain_text(f"Trained {LONG_JOB_STEPS:,} of {LONG_JOB_STEPS:,} steps ({LONG_JOB_STEPS // 2} epochs over 10 examples).")
+    expect(timeline).to_contain_text(f"Training done: {LONG_JOB_STEPS:,} steps; the loss went from")
     verdict = page.locator("#ft-verdict")
     expect(verdict).to_contain_text(re.compile(r"The fine-tuned model (matches the held-out captions better than "
                                                r"the base model on \d of 2 examples|writes the same captions)"))

@@ -41,10 +41,11 @@ def test_the_same_browser_sees_its_jobs_after_a_restart(tmp_path):
     archive = shutil.make_archive(str(tmp_path / "shapes"), "zip", root_dir=data)
     with sync_api.sync_playwright() as p:
         browser = _launch(p)
-        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-        page.set_default_timeout(TIMEOUT_MS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
         with start_app(home, port, env={"MMDEMO_JOB_SLOTS": "1"}) as url:
-            page.goto(url)
+            page.goto(url, wait_until="domcontentloaded")
             _open_tab(page, "Fine-tune")
             page.locator("#ft-upload input[type=file]").set_input_files(archive)
             expect(page.locator("#ft-report")).to_contain_text("Ready to train")
@@ -53,14 +54,20 @@ def test_the_same_browser_sees_its_jobs_after_a_restart(tmp_path):
             expect(job_box).to_have_value(re.compile(r"\d{8}-\d{6}-\w+"))
             job_id = job_box.input_value()
             expect(page.locator("#ft-jobs")).to_contain_text(job_id)
+            # cancelled, so that its training does not take the CPU from the restarts below
+            page.locator("#ft-cancel").click()
+            expect(page.locator("#ft-jobs")).to_contain_text("Cancelled")
+        page.close()  # the old page's connections went with the old app
         with start_app(home, port) as url:  # the same folder and address: a restart or an upgrade
-            page.goto(url)
+            page = context.new_page()  # the same browser: its cookies and storage
+            page.goto(url, wait_until="domcontentloaded")
             _open_tab(page, "Fine-tune")
             expect(page.locator("#ft-jobs")).to_contain_text(job_id)
-        other = browser.new_context().new_page()  # another browser is someone else
-        with start_app(home, port) as url:
-            other.goto(url)
+            other = browser.new_context().new_page()  # another browser is someone else
+            other.set_default_timeout(TIMEOUT_MS)
+            other.goto(url, wait_until="domcontentloaded")
             _open_tab(other, "Fine-tune")
+            expect(other.locator("#ft-jobs")).to_be_visible()
             other.wait_for_timeout(3000)
             assert job_id not in other.locator("#ft-jobs").inner_text()
         browser.close()
@@ -76,7 +83,7 @@ def test_an_unwritable_data_folder_is_said_once_and_the_app_still_serves(tmp_pat
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(TIMEOUT_MS)
         with start_app(home, None, log_dir=tmp_path) as url:
-            page.goto(url)
+            page.goto(url, wait_until="domcontentloaded")
             expect(page.locator("#home-banner")).to_contain_text("The data folder (MMDEMO_HOME) cannot be written")
             expect(page.locator("#model-status")).to_contain_text("ready")
             page.locator("#caption-files input[type=file]").set_input_files(str(ASSETS / "images" / "shapes.png"))

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 from PIL import Image
 
-from conftest import make_image, make_tone, run_cli
+from conftest import make_image, make_tone, run_cli, run_cli_here
 
 
 def records(proc) -> list[dict]:
@@ -66,32 +66,32 @@ def test_bad_images_exit_2_with_one_sentence(tiny_models, tmp_path):
 
 def test_bad_arguments(tiny_models, tmp_path):
     img = make_image(tmp_path / "a.png")
-    assert_one_sentence(run_cli("vqa", str(img), "-q", "  ", "--model", tiny_models["vqa"]), "question")
-    assert_one_sentence(run_cli("caption", str(img), "--num-beams", "50", "--model", tiny_models["caption"]),
+    assert_one_sentence(run_cli_here("vqa", str(img), "-q", "  ", "--model", tiny_models["vqa"]), "question")
+    assert_one_sentence(run_cli_here("caption", str(img), "--num-beams", "50", "--model", tiny_models["caption"]),
                         "Beams")
-    proc = run_cli("caption", str(img), "--num-beams", "zero")
+    proc = run_cli_here("caption", str(img), "--num-beams", "zero")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
 def test_missing_checkpoints(tmp_path):
     img = make_image(tmp_path / "a.png")
-    line = assert_one_sentence(run_cli("caption", str(img), "--model", "nobody/no-such-model"),
+    line = assert_one_sentence(run_cli_here("caption", str(img), "--model", "nobody/no-such-model"),
                                "nobody/no-such-model", "python -m mmdemo download", "MMDEMO_CAPTION_MODEL")
     assert "cache" in line
-    assert_one_sentence(run_cli("caption", str(img), "--model", str(tmp_path / "nothing-here")),
+    assert_one_sentence(run_cli_here("caption", str(img), "--model", str(tmp_path / "nothing-here")),
                         "does not exist")
     (tmp_path / "half").mkdir()
-    assert_one_sentence(run_cli("vqa", str(img), "-q", "what?", "--model", str(tmp_path / "half")),
+    assert_one_sentence(run_cli_here("vqa", str(img), "-q", "what?", "--model", str(tmp_path / "half")),
                         "config.json", "MMDEMO_VQA_MODEL")
-    assert_one_sentence(run_cli("caption", str(img), "--model", str(tmp_path / "half")), "config.json")
+    assert_one_sentence(run_cli_here("caption", str(img), "--model", str(tmp_path / "half")), "config.json")
     # the default checkpoint, neither cached nor reachable
-    assert_one_sentence(run_cli("caption", str(img)), "Salesforce/blip-image-captioning-base")
-    assert_one_sentence_after_warnings(run_cli("download", "--task", "vqa"), "Salesforce/blip-vqa-base")
+    assert_one_sentence(run_cli_here("caption", str(img)), "Salesforce/blip-image-captioning-base")
+    assert_one_sentence_after_warnings(run_cli_here("download", "--task", "vqa"), "Salesforce/blip-vqa-base")
 
 
 def test_wrong_architecture(tiny_models, tmp_path):
     img = make_image(tmp_path / "a.png")
-    assert_one_sentence(run_cli("caption", str(img), "--model", tiny_models["retrieval"]), "clap", "blip")
+    assert_one_sentence(run_cli_here("caption", str(img), "--model", tiny_models["retrieval"]), "clap", "blip")
 
 
 def test_index_and_search(tiny_models, tmp_path):
@@ -106,7 +106,7 @@ def test_index_and_search(tiny_models, tmp_path):
     (lib / "text.mp3").write_text("hello")
     (lib / "notes.txt").write_text("liner notes")
     idx = tmp_path / "idx"
-    proc = run_cli("index", str(lib), "--out", str(idx), "--model", tiny_models["retrieval"])
+    proc = run_cli_here("index", str(lib), "--out", str(idx), "--model", tiny_models["retrieval"])
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     out = records(proc)
@@ -118,23 +118,23 @@ def test_index_and_search(tiny_models, tmp_path):
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: ")]
     assert len(warnings) == 4
 
-    again = run_cli("index", str(lib), "--out", str(idx), "--strict")
+    again = run_cli_here("index", str(lib), "--out", str(idx), "--strict")
     assert again.returncode == 2 and records(again)[-1]["added"] == 0 and records(again)[-1]["duplicates"] == 4
 
-    proc = run_cli("search", "--index", str(idx), "--text", "a low hum", "--top-k", "3")
+    proc = run_cli_here("search", "--index", str(idx), "--text", "a low hum", "--top-k", "3")
     hits = records(proc)
     assert proc.returncode == 0 and [h["rank"] for h in hits] == [1, 2, 3]
     assert all(set(h) == {"rank", "path", "score"} for h in hits)
 
-    proc = run_cli("search", "--index", str(idx), "--audio", str(lib / "low.wav"), "--labels", "dog,rain,beep")
+    proc = run_cli_here("search", "--index", str(idx), "--audio", str(lib / "low.wav"), "--labels", "dog,rain,beep")
     out = records(proc)
     assert proc.returncode == 0, proc.stderr
     assert [r["label"] for r in out if "label" in r] and len([r for r in out if "label" in r]) == 3
     similar = [r for r in out if "path" in r]
     assert similar[0]["path"].endswith("low.wav") and similar[0]["score"] == pytest.approx(1.0, abs=1e-4)
 
-    assert_one_sentence(run_cli("search", "--index", str(idx), "--audio", str(lib / "broken.wav")), "broken.wav")
-    assert_one_sentence(run_cli("search", "--index", str(tmp_path / "none"), "--text", "x"), "not an audio index")
+    assert_one_sentence(run_cli_here("search", "--index", str(idx), "--audio", str(lib / "broken.wav")), "broken.wav")
+    assert_one_sentence(run_cli_here("search", "--index", str(tmp_path / "none"), "--text", "x"), "not an audio index")
 
 
 def test_index_zip_with_bad_entries(tiny_models, tmp_path):
@@ -142,7 +142,7 @@ def test_index_zip_with_bad_entries(tiny_models, tmp_path):
     with zipfile.ZipFile(tmp_path / "clips.zip", "w") as zf:
         zf.writestr("clips/one.wav", clip)
         zf.writestr("../evil.wav", clip)
-    proc = run_cli("index", str(tmp_path / "clips.zip"), "--out", str(tmp_path / "idx"), "--model",
+    proc = run_cli_here("index", str(tmp_path / "clips.zip"), "--out", str(tmp_path / "idx"), "--model",
                    tiny_models["retrieval"])
     assert proc.returncode == 0, proc.stderr
     summary = records(proc)[-1]
@@ -151,7 +151,7 @@ def test_index_zip_with_bad_entries(tiny_models, tmp_path):
 
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing" / "a.txt").write_text("x")
-    assert_one_sentence_after_warnings(run_cli("index", str(tmp_path / "nothing"), "--out", str(tmp_path / "i2"),
+    assert_one_sentence_after_warnings(run_cli_here("index", str(tmp_path / "nothing"), "--out", str(tmp_path / "i2"),
                                                "--model", tiny_models["retrieval"]), "No audio could be indexed")
 
 
@@ -182,7 +182,7 @@ def test_the_library_command_and_the_audio_tab_share_one_library(tiny_models, ho
     tone = make_tone(tmp_path / "cli-tone.wav", 880.0)
     notes = tmp_path / "notes.txt"
     notes.write_text("not a sound")
-    proc = run_cli("library", "add", str(tone), str(notes), "--model", ck, "--strict")
+    proc = run_cli_here("library", "add", str(tone), str(notes), "--model", ck, "--strict")
     assert proc.returncode == 2, proc.stderr  # --strict: a file could not be added
     out = records(proc)
     assert out[0] == {"status": "failed",
@@ -192,12 +192,12 @@ def test_the_library_command_and_the_audio_tab_share_one_library(tiny_models, ho
     assert audio.library_rows(ck)[0][0] == "cli-tone.wav"  # the tab's list, newest first
     rows, _plot, _paths, _info = audio.search_audio("a high beep", 20, "base", None, checkpoint=ck)
     assert "cli-tone.wav" in [r[1] for r in rows]
-    proc = run_cli("library", "list", "--model", ck)
+    proc = run_cli_here("library", "list", "--model", ck)
     assert records(proc)[0] == {"clip": "cli-tone.wav", "seconds": 1.0}
-    proc = run_cli("library", "search", "--text", "a high beep", "--top-k", "20", "--model", ck)
+    proc = run_cli_here("library", "search", "--text", "a high beep", "--top-k", "20", "--model", ck)
     assert proc.returncode == 0, proc.stderr
     assert [r["path"].rsplit("/", 1)[-1] for r in records(proc)] == [r[1] for r in rows]  # the tab's ranking
-    assert_one_sentence(run_cli("library", "search", "--text", "  ", "--model", ck), "Type some text to search for")
+    assert_one_sentence(run_cli_here("library", "search", "--text", "  ", "--model", ck), "Type some text to search for")
 
 
 def test_the_images_command_and_the_image_tab_share_one_library(tiny_models, home, tmp_path):
@@ -210,7 +210,7 @@ def test_the_images_command_and_the_image_tab_share_one_library(tiny_models, hom
     pic = make_image(tmp_path / "cli-square.png", "green", "square")
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture")
-    proc = run_cli("images", "add", str(pic), str(notes), "--model", ck, "--strict")
+    proc = run_cli_here("images", "add", str(pic), str(notes), "--model", ck, "--strict")
     assert proc.returncode == 2, proc.stderr  # --strict: a file could not be added
     out = records(proc)
     assert out[0]["status"] == "failed" and out[0]["reason"].startswith("notes.txt is not an image")
@@ -219,12 +219,12 @@ def test_the_images_command_and_the_image_tab_share_one_library(tiny_models, hom
     assert images.library_rows(ck)[0][0] == "cli-square.png"  # the tab's list, newest first
     table, _gallery, _info = images.search_images("a green square", 10, "base", None, checkpoint=ck)
     assert "cli-square.png" in [r[1] for r in table]
-    assert records(run_cli("images", "list", "--model", ck))[0]["image"] == "cli-square.png"
-    proc = run_cli("images", "search", "--text", "a green square", "--top-k", "10", "--model", ck)
+    assert records(run_cli_here("images", "list", "--model", ck))[0]["image"] == "cli-square.png"
+    proc = run_cli_here("images", "search", "--text", "a green square", "--top-k", "10", "--model", ck)
     assert proc.returncode == 0, proc.stderr
     assert [r["path"].rsplit("/", 1)[-1] for r in records(proc)] == [r[1] for r in table]  # the tab's ranking
-    proc = run_cli("images", "search", "--image", str(pic), "--labels", "green, red", "--top-k", "2", "--model", ck)
+    proc = run_cli_here("images", "search", "--image", str(pic), "--labels", "green, red", "--top-k", "2", "--model", ck)
     out = records(proc)
     assert sorted(r["label"] for r in out[:2]) == ["green", "red"]
     assert out[2]["path"].endswith("cli-square.png") and out[2]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert_one_sentence(run_cli("images", "search", "--text", "  ", "--model", ck), "Type some text")
+    assert_one_sentence(run_cli_here("images", "search", "--text", "  ", "--model", ck), "Type some text")

@@ -293,7 +293,7 @@ def _start_app(home):
 @pytest.mark.slow
 def test_sigkill_while_a_job_runs_and_another_waits_loses_nothing(home, data, tiny_models):
     """The app and its worker are killed (as a container restart does); on restart both jobs finish."""
-    first = jobs.submit("caption", data, owner="alice", model=tiny_models["caption"], min_steps=400, save_steps=25,
+    first = jobs.submit("caption", data, owner="alice", model=tiny_models["caption"], min_steps=160, save_steps=25,
                         **FAST)
     second = jobs.submit("caption", data, owner="alice", model=tiny_models["caption"], min_steps=5, **FAST)
     queue = get_queue()

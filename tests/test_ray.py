@@ -255,7 +255,7 @@ def test_cancel_stops_the_job_on_its_node_within_seconds(cluster, app, home, dat
 
 def test_a_node_killed_mid_job_resumes_it_on_another_node_from_its_checkpoint(cluster, app, data, tiny_models):
     queue = get_queue()
-    job = jobs.submit("caption", data, owner="carol", model=tiny_models["caption"], min_steps=400, save_steps=25,
+    job = jobs.submit("caption", data, owner="carol", model=tiny_models["caption"], min_steps=160, save_steps=25,
                       **FAST)
     app.start()
     _wait(lambda: (checkpoint_step(queue.run_dir(job.id)) or 0) >= 25, timeout=150)
@@ -267,8 +267,8 @@ def test_a_node_killed_mid_job_resumes_it_on_another_node_from_its_checkpoint(cl
     messages = _messages(job.id)
     moved = next(m for m in messages if m.startswith("The cluster node running this job stopped"))
     step = int(moved.rsplit("resumed from step ", 1)[1].rstrip("."))
-    assert 25 <= step < 400 and done.result["resumed_from_step"] == step
-    assert any(m.startswith(f"Resuming from the checkpoint at step {step} of 400") for m in messages)
+    assert 25 <= step < 160 and done.result["resumed_from_step"] == step
+    assert any(m.startswith(f"Resuming from the checkpoint at step {step} of 160") for m in messages)
     node = moved.split("(", 1)[1].split(")", 1)[0]
     assert cluster.name_of(node) == ({"w1", "w2"} - {victim}).pop()
     assert done.attempts == 1  # Ray restarted the actor: the queue never saw the job stop
@@ -278,7 +278,7 @@ def test_an_actor_gone_for_good_sends_its_job_back_to_the_queue_to_resume(cluste
     """Killed without a restart (as when its restarts are used up): the job is requeued like a local worker that
     died, and its next attempt, a new actor of the same name, resumes from the checkpoint."""
     queue = get_queue()
-    job = jobs.submit("caption", data, owner="dave", model=tiny_models["caption"], min_steps=300, save_steps=25,
+    job = jobs.submit("caption", data, owner="dave", model=tiny_models["caption"], min_steps=120, save_steps=25,
                       **FAST)
     app.start()
     _wait(lambda: (checkpoint_step(queue.run_dir(job.id)) or 0) >= 25, timeout=150)
