@@ -290,6 +290,14 @@ def compare(task: str, model_dir: str, work: Path, steps: int = 720, rank: int =
             "seconds": {"mmdemo": round(ours_s, 1), "reference": round(ref_s, 1)}}
 
 
+def compare_on_one_thread(*args, **kwargs) -> dict:
+    """:func:`compare` with torch on one thread: for a worker process, so that two comparisons share 2 cores."""
+    import torch
+
+    torch.set_num_threads(1)
+    return compare(*args, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 

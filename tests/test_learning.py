@@ -21,7 +21,7 @@ import json
 
 import pytest
 
-from bench.learning import _rows, compare, make_pictures, reference_loop, word_accuracy
+from bench.learning import _rows, compare_on_one_thread, make_pictures, reference_loop, word_accuracy
 from mmdemo.jobs.train import TrainConfig, finetune
 from mmdemo.models.loading import ADAPTER_META
 
@@ -31,11 +31,30 @@ NOISE = 0.1  # retrieval: well inside the seed-to-seed spread, well under the ga
 CHANCE = {"caption": (1 / 4 + 1 / 3) / 2, "vqa": 1 / 7, "retrieval": 1 / 12}  # guessing each word or answer
 
 
+STEPS = {"retrieval": 200, "vqa": 720, "caption": 720}
+
+
+@pytest.fixture(scope="module")
+def comparisons(tiny_models, tmp_path_factory):
+    """The three comparisons, started together in two worker processes of one torch thread each (the 2 cores):
+    retrieval, the longest, in one, VQA then captioning in the other. Each test waits for its own result; the
+    other tests of this module run after the last one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    futures = {task: pool.submit(compare_on_one_thread, task, tiny_models[task],
+                                 tmp_path_factory.mktemp(f"learning-{task}"), steps=steps)
+               for task, steps in STEPS.items()}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("task,steps", [("caption", 720), ("vqa", 720), ("retrieval", 200)])
-def test_finetune_learns_as_well_as_a_plain_peft_loop(task, steps, tiny_models, tmp_path):
-    r = compare(task, tiny_models[task], tmp_path, steps=steps)
+@pytest.mark.parametrize("task", ["caption", "vqa", "retrieval"])
+def test_finetune_learns_as_well_as_a_plain_peft_loop(task, comparisons):
+    r = comparisons[task].result(timeout=840)
     print(json.dumps(r))
     assert r["mmdemo_steps"] == r["steps"]
     assert r["alpha"] == 32  # --rank 16 without --alpha keeps the quick preset's ratio (16/8)
