@@ -114,24 +114,16 @@ def run_cli_here(*args: str, env: dict | None = None) -> subprocess.CompletedPro
     serves the later calls). What only a real process shows (no traceback, the exit status of an uncaught
     error) is checked through :func:`run_cli`."""
     import io
+    from unittest import mock
 
     from mmdemo import cli
 
     out, err = io.StringIO(), io.StringIO()
-    saved = {key: os.environ.get(key) for key in (env or {})}
-    os.environ.update(env or {})
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = cli.main(list(args))
-            except SystemExit as exit_:  # argparse's usage errors
-                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     return subprocess.CompletedProcess(["mmdemo", *args], code, out.getvalue(), err.getvalue())
 
 
