@@ -19,6 +19,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MMDEMO_DEVICE", "cpu")
+# Every process this test session starts (apps, job workers, Ray nodes) inherits this mark; the clean-up fixtures
+# touch only processes that carry it, so two test runs on one machine never kill each other's workers.
+TEST_RUN_VAR = "MMDEMO_TEST_RUN"
+TEST_RUN = os.environ[TEST_RUN_VAR] = f"{os.getpid()}-{time.time_ns()}"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -312,9 +316,18 @@ def start_app(home: Path, port: int | None = None, args: tuple[str, ...] = ("--t
         log.close()
 
 
+def started_by_this_run(pid: int | str) -> bool:
+    """Whether process ``pid`` was started by this test session (it carries ``TEST_RUN`` in its environment)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"{TEST_RUN_VAR}={TEST_RUN}".encode() in environ.split(b"\0")
+
+
 def _orphaned_job_workers() -> set[int]:
-    """The pids of this machine's ``python -m mmdemo.jobs.worker`` processes whose app has gone (a worker outlives
-    its app by design: a restarted app takes it over)."""
+    """The pids of this test session's ``python -m mmdemo.jobs.worker`` processes whose app has gone (a worker
+    outlives its app by design: a restarted app takes it over). Another session's workers are never listed."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -325,6 +338,8 @@ def _orphaned_job_workers() -> set[int]:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             parent = Path(f"/proc/{ppid}/cmdline").read_bytes() if ppid > 1 else b""
         except (OSError, ValueError, IndexError):
+            continue
+        if not started_by_this_run(entry.name):
             continue
         if ppid != os.getpid() and b"app.py" not in parent and b"mmdemo" not in parent:
             pids.add(int(entry.name))
